@@ -1,0 +1,513 @@
+"""What two or more avatar-repro scripts share.
+
+Contents, in the order a training script uses them:
+
+1. Arguments: a ``@dataclass`` of hyperparameters (one docstring under each field, cleanrl style) turned into an
+   argparse parser with presets, and a parser whose errors are one line.
+2. Device choice and seeding.
+3. Networks: DCGAN-style blocks and the two builders every paper uses (Radford et al. 2015, journal Table 1).
+4. Losses, each citing its equation: the GAN BCE, DTN's ternary L_D and L_GANG, L_CONST, L_TID, L_TV and TOS's L_c.
+5. Run outputs: the run folder with ``config.json``, ``metrics.json`` and ``log.csv``; sample grids; atomic
+   checkpoints; a NaN guard.
+
+Paper references:
+  DTN   Taigman, Polyak, Wolf. Unsupervised Cross-Domain Image Generation. ICLR 2017 (dtn_iclr2017.txt).
+  TOS   Wolf, Taigman, Polyak. Unsupervised Creation of Parameterized Avatars. ICCV 2017 (tos_iccv2017.txt).
+  J     The journal version of both (dtn_tos_journal.txt); its Table 1 lists the architectures.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ======================================================================================================================
+# 1. Arguments
+# ======================================================================================================================
+
+
+class UsageError(SystemExit):
+    """A bad flag, value or file: the script prints one line and exits 2, before it writes anything."""
+
+    def __init__(self, message: str):
+        prog = os.path.basename(sys.argv[0]) or "avatar-repro"
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        super().__init__(2)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, except that an error is one line on stderr (no usage block) and exit code 2."""
+
+    def error(self, message: str):  # noqa: D102 (argparse API)
+        raise UsageError(f"{message} (see --help)")
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, read from its source (cleanrl's convention)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+_UNSET = object()
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parse_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def parse_args(cls, presets: dict[str, dict[str, Any]], auto_preset, argv: Sequence[str] | None = None,
+               description: str | None = None):
+    """Build an argparse parser from the dataclass ``cls`` and return ``(args, preset, why)``.
+
+    Each field becomes ``--field-name``; its help is the field's docstring and its default the dataclass default
+    (the paper's value). A value is chosen in this order: the command line, then the preset, then the default.
+    ``presets`` maps a preset name to the fields it overrides; ``auto_preset(args)`` returns ``(name, reason)`` for
+    a run without ``--preset``. The dataclass must have a field ``preset: str``.
+    """
+    docs = field_docs(cls)
+    parser = OneLineParser(description=description)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, f in fields.items():
+        kw: dict[str, Any] = dict(dest=name, default=_UNSET, help=f"{docs.get(name, '')} (default: {f.default})".replace("%", "%%"))
+        if name == "preset":
+            kw["choices"] = ["auto"] + list(presets)
+        if isinstance(f.default, bool):
+            kw.update(type=_parse_bool, metavar="BOOL", nargs="?", const=True)  # --flag alone means true
+        elif isinstance(f.default, tuple):
+            kw.update(type=_parse_ints, metavar="N,N,...")
+        elif f.default is None or isinstance(f.default, str):
+            kw.update(type=str)
+        else:
+            kw.update(type=type(f.default))
+        parser.add_argument("--" + name.replace("_", "-"), **kw)
+    ns = vars(parser.parse_args(argv))
+    given = {k: v for k, v in ns.items() if v is not _UNSET}
+    preset = given.get("preset", fields["preset"].default)
+    if preset == "auto":
+        probe = cls(**{k: v for k, v in given.items() if k != "preset"})
+        preset, why = auto_preset(probe)
+    else:
+        why = "chosen with --preset"
+    values = {**presets[preset], **given, "preset": preset}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f"preset {preset} sets unknown fields {sorted(unknown)}")
+    return cls(**values), preset, why, set(given)
+
+
+def require(ok: bool, message: str):
+    """Check one argument or input; on failure print one line and exit 2 (before anything is written)."""
+    if not ok:
+        raise UsageError(message)
+
+
+# ======================================================================================================================
+# 2. Device and seeding
+# ======================================================================================================================
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` takes CUDA, then Apple's MPS, then the CPU. A named device that is absent is a usage error."""
+    require(name in ("auto", "cuda", "cpu", "mps"), f"--device must be auto, cuda, cpu or mps, not {name!r}")
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    require(name != "cuda" or torch.cuda.is_available(), "--device cuda was asked for, but CUDA is not available")
+    require(name != "mps" or has_mps, "--device mps was asked for, but MPS is not available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool = True):
+    """Seed python, numpy and torch (CPU and CUDA); with ``deterministic``, cuDNN picks deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def rng_state() -> dict:
+    """Every random state a resumed run needs in order to draw the same numbers as an uninterrupted one."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ======================================================================================================================
+# 3. Networks (DCGAN, Radford et al. 2015; journal Table 1)
+# ======================================================================================================================
+
+
+def dcgan_init(module: nn.Module):
+    """DCGAN initialisation: conv weights ~ N(0, 0.02), batch-norm scale ~ N(1, 0.02) and shift 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+def up_block(c_in: int, c_out: int, first: bool, last: bool) -> list[nn.Module]:
+    """A 4x4 upscaling (transposed) convolution: stride 2, padding 1, except the first (1x1 -> 4x4, no stride or
+    padding). BN + ReLU after every layer but the last, which ends in tanh (Table 1, "g" and "e")."""
+    conv = nn.ConvTranspose2d(c_in, c_out, 4, 1 if first else 2, 0 if first else 1, bias=last)
+    return [conv, nn.Tanh()] if last else [conv, nn.BatchNorm2d(c_out), nn.ReLU(True)]
+
+
+def down_block(c_in: int, c_out: int, bn: bool, last: bool, act: str = "lrelu") -> list[nn.Module]:
+    """A 4x4 convolution: stride 2, padding 1, except the last (4x4 -> 1x1, no stride or padding); BN (if ``bn``)
+    and leaky ReLU (0.2) or ReLU after every layer but the last (Table 1, "d", "f" and "c")."""
+    conv = nn.Conv2d(c_in, c_out, 4, 1 if last else 2, 0 if last else 1, bias=last or not bn)
+    if last:
+        return [conv]
+    layers = [conv] + ([nn.BatchNorm2d(c_out)] if bn else [])
+    return layers + [nn.LeakyReLU(0.2, True) if act == "lrelu" else nn.ReLU(True)]
+
+
+class UpscalingGenerator(nn.Module):
+    """A vector (B, n_in) -> an image (B, out_channels, 4*2^(L-1), 4*2^(L-1)), through L = len(widths)+1 4x4
+    upscaling convolutions with ``widths`` filters, then ``out_channels``.
+
+    Journal Table 1: DCGAN's G, e ("five 4x4 upscaling convolutional layers with 512-256-128-64-3 filters") and the
+    digits g ("four ... with 64-128-256-1"; we list filters in layer order).
+    """
+
+    def __init__(self, n_in: int, widths: Sequence[int], out_channels: int):
+        super().__init__()
+        chans = [n_in, *widths, out_channels]
+        layers: list[nn.Module] = []
+        for i in range(len(chans) - 1):
+            layers += up_block(chans[i], chans[i + 1], first=i == 0, last=i == len(chans) - 2)
+        self.net = nn.Sequential(*layers)
+        dcgan_init(self)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.net(v.view(v.shape[0], -1, 1, 1))
+
+
+class DownscalingEncoder(nn.Module):
+    """An image (B, in_channels, S, S) -> a vector (B, n_out), through len(widths) stride-2 4x4 convolutions and a
+    last 4x4 convolution without stride or padding (so S = 4 * 2^len(widths)).
+
+    Journal Table 1: d ("4x4 convolutional layers ... batch normalization and a leaky ReLU 0.2 ... stride 2, padding
+    1, except the last one"), and c ("five convolutional layers with 64-128-256-512-813 filters ... Tanh").
+    ``final`` is "tanh" for c's configuration vectors, or "none" for logits and representations.
+    """
+
+    def __init__(self, in_channels: int, widths: Sequence[int], n_out: int, bn_first: bool = True,
+                 act: str = "lrelu", final: str = "none"):
+        super().__init__()
+        chans = [in_channels, *widths, n_out]
+        layers: list[nn.Module] = []
+        for i in range(len(chans) - 1):
+            last = i == len(chans) - 2
+            layers += down_block(chans[i], chans[i + 1], bn=bn_first or i > 0, last=last, act=act)
+        if final == "tanh":
+            layers.append(nn.Tanh())
+        self.net = nn.Sequential(*layers)
+        dcgan_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten(1)
+
+
+def freeze(net: nn.Module) -> nn.Module:
+    """A fixed network (f, e, an evaluator): eval mode, so its batch-norm uses running statistics, and no gradients
+    to its weights. Gradients still flow *through* it to the networks before it (e.g. L_c reaches G through e)."""
+    net.eval()
+    net.requires_grad_(False)
+    return net
+
+
+# ======================================================================================================================
+# 4. Losses
+# ======================================================================================================================
+
+
+def gan_d_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """The discriminator's side of the binary GAN (DTN Eq. 1, TOS Eq. 7).
+
+    d maximizes log d(x') + log(1 - d(G(x))), i.e. minimizes BCE(d(x'), 1) + BCE(d(G(x)), 0), where ``d_real`` and
+    ``d_fake`` are logits on real samples x' (from t) and on generated samples G(x). Means over the batch stand for
+    the sums over the sets.
+    """
+    return (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+            + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+
+
+def gan_g_loss(d_fake: torch.Tensor) -> torch.Tensor:
+    """The generator's side of the binary GAN (DTN Eq. 1, TOS Eq. 7), in the non-saturating form of Goodfellow et
+    al. (2014) that dcgan.torch uses: G minimizes -log d(G(x)) = BCE(d(G(x)), 1) instead of log(1 - d(G(x))). Same
+    fixed point, stronger gradients early in training."""
+    return F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+
+
+# Classes of the DTN's ternary discriminator D (DTN Eq. 3): D_1, D_2, D_3 in the paper.
+D_FAKE_FROM_S, D_FAKE_FROM_T, D_REAL_T = 0, 1, 2
+
+
+def dtn_d_loss(d_g_s: torch.Tensor, d_g_t: torch.Tensor, d_t: torch.Tensor) -> torch.Tensor:
+    """The DTN discriminator's ternary loss (DTN Eq. 3):
+
+        L_D = -E_{x in S} log D_1(g(f(x))) - E_{x in T} log D_2(g(f(x))) - E_{x in T} log D_3(x)
+
+    ``d_g_s``, ``d_g_t``, ``d_t`` are (B, 3) logits of D on g(f(s)), g(f(t)) and t."""
+    def ce(logits, cls):
+        return F.cross_entropy(logits, torch.full((logits.shape[0],), cls, device=logits.device, dtype=torch.long))
+    return ce(d_g_s, D_FAKE_FROM_S) + ce(d_g_t, D_FAKE_FROM_T) + ce(d_t, D_REAL_T)
+
+
+def dtn_gang_loss(d_g_s: torch.Tensor, d_g_t: torch.Tensor) -> torch.Tensor:
+    """The DTN generator's adversarial loss (DTN Eq. 4): both kinds of generated samples should look like real
+    targets, class 3 of D:
+
+        L_GANG = -E_{x in S} log D_3(g(f(x))) - E_{x in T} log D_3(g(f(x)))"""
+    def ce(logits):
+        return F.cross_entropy(logits, torch.full((logits.shape[0],), D_REAL_T, device=logits.device,
+                                                  dtype=torch.long))
+    return ce(d_g_s) + ce(d_g_t)
+
+
+def const_loss(f_x: torch.Tensor, f_g_x: torch.Tensor) -> torch.Tensor:
+    """f-constancy (DTN Eq. 5, TOS Eq. 6): L_CONST = sum_{x in S} d(f(x), f(g(f(x)))), with d the MSE (DTN §3).
+
+    Mean over the batch and the representation's dimensions. ``f_g_x`` must keep its graph: g gets its gradient
+    through the fixed f, so never detach f(g(f(x)))."""
+    return F.mse_loss(f_g_x, f_x)
+
+
+def tid_loss(t: torch.Tensor, g_t: torch.Tensor) -> torch.Tensor:
+    """Target identity (DTN Eq. 6, TOS Eq. 8): L_TID = sum_{x in T} d_2(x, G(x)), with d_2 the MSE (DTN §3).
+    Mean over the batch and the pixels."""
+    return F.mse_loss(g_t, t)
+
+
+def tv_loss(z: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Anisotropic total variation (DTN Eq. 7 with B = 1; TOS §3.2):
+
+        L_TV(z) = sum_{i,j} ((z_{i,j+1} - z_{i,j})^2 + (z_{i+1,j} - z_{i,j})^2 + eps)^(1/2)
+
+    Deviation: ``eps`` inside the square root. Without it the gradient of sqrt at 0 is infinite and flat image
+    regions give NaN (the third-party reproduction report hit exactly this). Summed over the pixels (and colour
+    channels) of an image, as the paper's sum over i,j; mean over the batch."""
+    dx = z[..., :-1, 1:] - z[..., :-1, :-1]
+    dy = z[..., 1:, :-1] - z[..., :-1, :-1]
+    return torch.sqrt(dx * dx + dy * dy + eps).flatten(1).sum(1).mean()
+
+
+def compliance_loss(g_x: torch.Tensor, e_c_g_x: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """e-compliance (TOS Eq. 4 and 5): L_c = sum_x ||G(x) - e(c(G(x)))||^2.
+
+    Both c and G minimize it (TOS Alg. 1, steps 11-12), so neither argument is detached; e is fixed.
+    ``reduction="sum"`` is Eq. 4's squared norm, summed over the pixels of an image; ``"mean"`` divides it by the
+    number of pixels (an MSE, the unit in which the paper quotes e's error and in which we report e-compliance).
+    Either way, the sum over x is the mean over the batch."""
+    sq = (g_x - e_c_g_x).pow(2).flatten(1)
+    if reduction == "sum":
+        return sq.sum(1).mean()
+    if reduction == "mean":
+        return sq.mean()
+    raise ValueError(f"reduction must be 'sum' or 'mean', not {reduction!r}")
+
+
+# ======================================================================================================================
+# 5. Run outputs: folder, config, metrics, log, grids, checkpoints, NaN guard
+# ======================================================================================================================
+
+
+def write_json(path: str | Path, obj: Any):
+    """Write JSON atomically (a temporary file in the same folder, then a rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False, default=str)
+            fh.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def default_out_dir(script: str, seed: int) -> Path:
+    """``runs/<script>/<time>__seed<seed>``."""
+    return Path("runs") / script / f"{time.strftime('%Y%m%d-%H%M%S')}__seed{seed}"
+
+
+def print_config(args) -> None:
+    """The hyperparameters as a table at the start of a run (cleanrl)."""
+    rows = dataclasses.asdict(args)
+    width = max(len(k) for k in rows)
+    print("hyperparameters:")
+    for k, v in rows.items():
+        print(f"  {k:<{width}}  {v}")
+
+
+class CSVLog:
+    """``log.csv``: one row of losses every N steps. On resume it keeps the first ``rows`` rows (those written
+    before the checkpoint) and appends after them, so a resumed log reads like an uninterrupted one."""
+
+    def __init__(self, path: str | Path, fields: Sequence[str], keep_rows: int | None = None):
+        self.path, self.fields = Path(path), list(fields)
+        kept: list[dict] = []
+        if keep_rows is not None and self.path.exists():
+            with open(self.path, newline="") as fh:
+                kept = list(csv.DictReader(fh))[:keep_rows]
+        self.rows = len(kept)
+        self.fh = open(self.path, "w", newline="")
+        self.writer = csv.DictWriter(self.fh, fieldnames=self.fields, extrasaction="raise")
+        self.writer.writeheader()
+        self.writer.writerows(kept)
+        self.fh.flush()
+
+    def write(self, **row):
+        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self.fh.flush()
+        self.rows += 1
+
+    def close(self):
+        self.fh.close()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8):
+    """A PNG grid of images in [-1, 1]. ``value_range=(-1, 1)`` keeps the grey levels comparable across grids
+    (without it save_image stretches each grid to its own min and max)."""
+    from torchvision.utils import save_image
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    save_image(images.detach().float().cpu(), tmp, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2,
+               pad_value=0.5)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: str | Path, state: dict):
+    """``torch.save`` to a temporary file in the same folder, then an atomic rename: a crash mid-write leaves the
+    previous checkpoint intact."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint written by ``save_checkpoint``; a missing or unreadable file is a one-line usage error.
+    ``path`` may be the file or the run folder holding ``ckpt.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "ckpt.pt"
+    require(path.is_file(), f"--resume: no checkpoint at {path}")
+    try:
+        # Our checkpoints hold numpy RNG state and plain containers besides tensors, hence weights_only=False.
+        # Load only checkpoints you wrote yourself.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file
+        raise UsageError(f"--resume: {path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def check_finite(phase: str, step: int, losses: dict[str, float]):
+    """The NaN guard: stop the run, naming the phase, the step and the loss, when a logged loss is NaN or inf.
+
+    Called when losses are logged (it needs their values on the host), so it names the first *logged* step at
+    which the loss is not finite."""
+    for name, value in losses.items():
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"{name} = {value} at {phase} step {step}: stopping (lower the learning rate, "
+                                f"or resume from the last checkpoint with another seed)")
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return device.type
+
+
+class GracefulInterrupt:
+    """Ctrl-C (SIGINT) asks the training loop to stop at the end of the current step, so that the checkpoint it then
+    writes is exact and ``--resume`` continues as if nothing happened. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr)
+
+    def __enter__(self):
+        import signal
+        self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        signal.signal(signal.SIGINT, self._previous)
+        return False
