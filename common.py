@@ -95,7 +95,8 @@ def _parse_ints(text: str) -> tuple[int, ...]:
 
 def parse_args(cls, presets: dict[str, dict[str, Any]], auto_preset, argv: Sequence[str] | None = None,
                description: str | None = None):
-    """Build an argparse parser from the dataclass ``cls`` and return ``(args, preset, why)``.
+    """Build an argparse parser from the dataclass ``cls``; return ``(args, preset, why, given)``: the arguments,
+    the preset's name, why it was chosen, and the names of the fields set on the command line.
 
     Each field becomes ``--field-name``; its help is the field's docstring and its default the dataclass default
     (the paper's value). A value is chosen in this order: the command line, then the preset, then the default.
@@ -106,7 +107,8 @@ def parse_args(cls, presets: dict[str, dict[str, Any]], auto_preset, argv: Seque
     parser = OneLineParser(description=description)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, f in fields.items():
-        kw: dict[str, Any] = dict(dest=name, default=_UNSET, help=f"{docs.get(name, '')} (default: {f.default})".replace("%", "%%"))
+        doc = f"{docs.get(name, '')} (default: {f.default})".replace("%", "%%")
+        kw: dict[str, Any] = dict(dest=name, default=_UNSET, help=doc)
         if name == "preset":
             kw["choices"] = ["auto"] + list(presets)
         if isinstance(f.default, bool):
@@ -346,7 +348,7 @@ def tv_loss(z: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return torch.sqrt(dx * dx + dy * dy + eps).flatten(1).sum(1).mean()
 
 
-def compliance_loss(g_x: torch.Tensor, e_c_g_x: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+def compliance_loss(g_x: torch.Tensor, e_c_g_x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """e-compliance (TOS Eq. 4 and 5): L_c = sum_x ||G(x) - e(c(G(x)))||^2.
 
     Both c and G minimize it (TOS Alg. 1, steps 11-12), so neither argument is detached; e is fixed.

@@ -92,9 +92,9 @@ def test_compliance_loss_by_hand_and_gradients():
     e_c_g = torch.tensor([[[[0.0, -1.0], [1.0, -1.0]]]], requires_grad=True)
     # Eq. 4's squared norm, summed over the pixels; "mean" is the per-pixel MSE
     assert common.compliance_loss(g, e_c_g, "mean").item() == pytest.approx((1 + 0 + 0 + 4) / 4)
-    loss = common.compliance_loss(g, e_c_g)
+    loss = common.compliance_loss(g, e_c_g, "sum")
     assert loss.item() == pytest.approx(1 + 0 + 0 + 4)
-    assert common.compliance_loss(torch.cat([g, g]), torch.cat([e_c_g, e_c_g])).item() == pytest.approx(5.0)
+    assert common.compliance_loss(torch.cat([g, g]), torch.cat([e_c_g, e_c_g]), "sum").item() == pytest.approx(5.0)
     loss.backward()
     # Both G and c (through e) minimize L_c: neither side is detached.
     assert g.grad.abs().sum() > 0 and e_c_g.grad.abs().sum() > 0

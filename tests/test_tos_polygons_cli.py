@@ -25,7 +25,7 @@ def test_dry_run_writes_every_promised_file(run, tmp_path):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert not list(out.glob("*.tmp*"))
     config = json.loads((out / "config.json").read_text())
-    assert config["dry_run"] is True and config["preset"] == "quick" and config["alpha"] == 1.0
+    assert config["dry_run"] is True and config["preset"] == "quick" and config["alpha"] == 0.1
     m = json.loads((out / "metrics.json").read_text())
     assert m["device"].startswith("cpu") and m["data_source"].startswith("synthetic") and m["wall_time_s"] > 0
     for model in ("dcgan", "tos"):
@@ -102,3 +102,29 @@ def test_a_corrupt_checkpoint_is_one_clear_line(run, tmp_path):
     res = run("tos_polygons.py", "--resume", str(tmp_path))
     assert res.returncode == 2
     assert len(res.stderr.strip().splitlines()) == 1 and "not a readable checkpoint" in res.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+    """A real SIGINT, as a user's Ctrl-C: the step in progress finishes, ckpt.pt is written, the exit code is 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tos_polygons.py"), "--dry-run", "--device", "cpu",
+                             "--e-steps", "100000", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (out / "log.csv").exists() or len(read_log(out / "log.csv")) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupt: finishing this step" in stderr and "--resume" in stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["phase"] == "e" and ckpt["step"] >= 3
+    assert len(read_log(out / "log.csv")) == ckpt["step"]  # dry runs log every step
