@@ -55,7 +55,7 @@ def test_vertex_count_radius_and_rotation_can_be_recovered():
     # a degree moves a corner of a radius-15 polygon by a quarter of a pixel, so small ones are ambiguous
     rot_err = np.abs(fit[:, 2] - params[:, 2])
     assert rot_err.max() <= 3.0 and np.median(rot_err) <= 1.0
-    assert mse.max() < 0.01
+    assert mse.max() < 0.05 and mse.mean() < 0.005  # every real render is valid under the default threshold
     # a blank image or noise is far from every polygon
     _, far = fitter.fit(torch.cat([-torch.ones(1, 1, 64, 64), torch.rand(1, 1, 64, 64) * 2 - 1]))
     assert far.min() > 0.2
