@@ -368,20 +368,25 @@ def compliance_loss(g_x: torch.Tensor, e_c_g_x: torch.Tensor, reduction: str = "
 # ======================================================================================================================
 
 
-def write_json(path: str | Path, obj: Any):
-    """Write JSON atomically (a temporary file in the same folder, then a rename)."""
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``: a crash or Ctrl-C
+    mid-write leaves the previous file intact, never half a file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp" + path.suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False, default=str)
-            fh.write("\n")
+        write(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: str | Path, obj: Any):
+    """Write JSON atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
 def default_out_dir(script: str, seed: int) -> Path:
@@ -428,27 +433,14 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8):
     """A PNG grid of images in [-1, 1]. ``value_range=(-1, 1)`` keeps the grey levels comparable across grids
     (without it save_image stretches each grid to its own min and max)."""
     from torchvision.utils import save_image
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    save_image(images.detach().float().cpu(), tmp, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2,
-               pad_value=0.5)
-    os.replace(tmp, path)
+    images = images.detach().float().cpu()
+    atomic_write(path, lambda tmp: save_image(images, tmp, nrow=nrow, normalize=True, value_range=(-1, 1),
+                                              padding=2, pad_value=0.5))
 
 
 def save_checkpoint(path: str | Path, state: dict):
-    """``torch.save`` to a temporary file in the same folder, then an atomic rename: a crash mid-write leaves the
-    previous checkpoint intact."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save``, atomically: a crash mid-write leaves the previous checkpoint intact."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict:
