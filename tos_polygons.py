@@ -44,6 +44,9 @@ Deviations from the paper (the README repeats them, with the runs behind them):
     and 12 taken together.
   * The image scale is [-1, 1] (tanh); the paper does not say which scale its MSE of 0.1 is in.
   * The quick preset narrows every layer 4x and trains fewer steps; the paper preset keeps Table 1's widths.
+
+Known defect (README, "Paper preset"): at Table 1's widths c-bar's tanh saturates within 50 steps and c-bar does not
+learn to invert e (its parameter error is at chance); the quick widths are fine.
 """
 from __future__ import annotations
 
