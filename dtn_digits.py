@@ -25,7 +25,6 @@ from __future__ import annotations
 import glob
 import gzip
 import importlib.util
-import math
 import os
 import sys
 from pathlib import Path
@@ -238,7 +237,6 @@ def load_domains(root: str, download: bool, n_synthetic: int, n_synthetic_test: 
 
 
 def main(argv=None):
-    import argparse
     parser = common.OneLineParser(description="dtn_digits.py (work in progress): preview the embedded data")
     parser.add_argument("--preview", action="store_true", help="write a grid of each domain and exit")
     parser.add_argument("--out", default="runs/dtn_digits/preview", help="output folder")
