@@ -31,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from tqdm import tqdm
 
 import common
 
@@ -229,6 +231,69 @@ def load_domains(root: str, download: bool, n_synthetic: int, n_synthetic_test: 
     out["t"], out["t_y"] = mnist_to_tensor(t), torch.from_numpy(np.asarray(t_y)).long()
     out["c_train"], out["c_train_y"] = mnist_to_tensor(c), torch.from_numpy(np.asarray(c_y)).long()
     return out
+
+
+# ======================================================================================================================
+# f: the digit representation (journal Table 1, "Digits" f; journal §6.2)
+# ======================================================================================================================
+
+
+class DigitEncoder(nn.Module):
+    """f, and the evaluation classifier's body: four 4x4 convolutions with 64-128-256-128 filters, each followed by
+    max pooling (2x2, the last 4x4) and ReLU (journal Table 1): 32 -> 16 -> 8 -> 4 -> 1. The code is the last convolution's 128-D activation
+    "post a 4x4 max pooling and before the ReLU" (journal §6.2). Takes 32x32 RGB in [-1, 1]; grey MNIST digits are
+    repeated to three channels (§6.2)."""
+
+    def __init__(self, widths=(64, 128, 256, 128)):
+        super().__init__()
+        chans = [3, *widths]
+        layers: list[nn.Module] = []
+        for i in range(4):
+            # padding 2 makes a 4x4 convolution give S+1 pixels; the floor of the pooling brings it back to S/2
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 4, padding=2), nn.MaxPool2d(4 if i == 3 else 2)]
+            if i < 3:
+                layers.append(nn.ReLU(True))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.net(x).flatten(1)  # (B, 128), before the last ReLU
+
+
+class DigitClassifier(nn.Module):
+    """A DigitEncoder with a linear read-out on its ReLU'd code: pretrains f on the source labels (§5.1: 4.95% test
+    error on SVHN), and, trained on MNIST, is the evaluation classifier (99.4%) that never touches a DTN loss."""
+
+    def __init__(self, widths=(64, 128, 256, 128)):
+        super().__init__()
+        self.f = DigitEncoder(widths)
+        self.head = nn.Linear(widths[-1], 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.f(x)))
+
+
+def train_classifier(model: DigitClassifier, x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int,
+                     lr: float, desc: str = "classifier") -> DigitClassifier:
+    """Cross-entropy training with Adam (DTN §3 names Adam; the schedule is ours). Data stay where they are (on the
+    GPU when they fit); batches are drawn with torch.randint, so no loader overhead."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in tqdm(range(steps), desc=desc, disable=None, dynamic_ncols=True):
+        idx = torch.randint(len(x), (batch_size,), device=x.device)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    model.eval()
+    correct = sum((model(xb).argmax(1) == yb).sum() for xb, yb in zip(x.split(batch), y.split(batch)))
+    return float(correct) / len(x)
 
 
 # ======================================================================================================================

@@ -80,3 +80,20 @@ def test_the_preview_is_the_only_mode_for_now(run, tmp_path):
               "--out", str(tmp_path / "p"))
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "p" / "s_preview.png").is_file() and (tmp_path / "p" / "t_preview.png").is_file()
+
+
+def test_f_code_shape_and_grey_inputs():
+    f = dd.DigitEncoder().eval()
+    assert f(torch.randn(2, 3, 32, 32)).shape == (2, 128)
+    grey = torch.rand(2, 1, 32, 32) * 2 - 1
+    assert torch.equal(f(grey), f(grey.expand(-1, 3, -1, -1)))  # MNIST repeated to 3 channels (§6.2)
+    # the code is taken before the last ReLU, so it has negative entries
+    assert (f(torch.randn(8, 3, 32, 32)) < 0).any()
+
+
+def test_classifier_learns_the_synthetic_digits():
+    torch.manual_seed(0)
+    x, y = dd.synthetic_house_numbers(300, seed=1)
+    model = dd.train_classifier(dd.DigitClassifier(widths=(16, 32, 32, 32)), x, y, steps=150, batch_size=64,
+                                lr=2e-3)
+    assert dd.accuracy(model, x, y) > 0.5  # chance is 0.1
