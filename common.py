@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 # ======================================================================================================================
 # 1. Arguments
@@ -505,3 +506,123 @@ class GracefulInterrupt:
         import signal
         signal.signal(signal.SIGINT, self._previous)
         return False
+
+
+# ======================================================================================================================
+# 6. The run's skeleton: arguments to output folder, then phases of training steps with logging, checkpoints, resume
+# ======================================================================================================================
+
+
+def start_run(script: str, cls, presets: dict, auto_preset, dry_run_sizes: dict, validate, argv=None,
+              description: str | None = None):
+    """Arguments, ``--resume``, ``--dry-run``, validation, device and output folder, in that order: nothing is
+    written before every check has passed. Returns ``(args, preset, device, out, ckpt)``; ``ckpt`` is the loaded
+    checkpoint when resuming, else None.
+
+    ``cls`` needs the fields preset, device, out, resume, dry_run, seed and interrupt_at. A resumed run uses its saved
+    arguments (only --device and --interrupt-at may change); a dry run shrinks the sizes the user did not set."""
+    args, preset, why, given = parse_args(cls, presets, auto_preset, argv, description=description)
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        require(ckpt.get("script") == script, f"--resume: {args.resume} is not a {script} checkpoint")
+        keep = {k: getattr(args, k) for k in ("device", "interrupt_at", "resume")}
+        ignored = sorted(given - set(keep))
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["args"].items()}
+        args = dataclasses.replace(cls(**saved), **keep)
+        preset, why = args.preset, "restored from the checkpoint"
+        if ignored:
+            print(f"resume: using the saved configuration; ignoring {', '.join('--' + k for k in ignored)}")
+    if args.dry_run and ckpt is None:  # a resumed run's saved arguments already hold the dry run's sizes
+        args = dataclasses.replace(args, **{k: v for k, v in dry_run_sizes.items() if k not in given})
+    validate(args)
+    device = pick_device(args.device)
+
+    if ckpt is not None:
+        out = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+    else:
+        out = Path(args.out) if args.out else default_out_dir(script, args.seed)
+        require(not (out / "config.json").exists(),
+                f"{out} already holds a run: pass --resume {out} to continue it, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    args = dataclasses.replace(args, out=str(out))
+    print(f"preset: {preset} ({why}); device: {describe_device(device)}; output: {out}")
+    print_config(args)
+    write_json(out / "config.json", {**dataclasses.asdict(args), "preset_reason": why})
+    return args, preset, device, out, ckpt
+
+
+class PhaseRunner:
+    """Runs a script's training phases in order, each a number of steps, and does the bookkeeping they share:
+    ``log.csv`` every ``log_every`` steps with the NaN guard, ``ckpt.pt`` every ``ckpt_every`` steps, at the end of
+    each phase and on Ctrl-C, and an exact resume from such a checkpoint (networks, optimizers, random state, log).
+
+    A step function returns its losses as a dict of tensors; they are read on the host only when logged."""
+
+    def __init__(self, script: str, args, out: Path, nets: dict, opts: dict, phases: dict[str, int],
+                 log_fields: Sequence[str], ckpt: dict | None, t_start: float):
+        self.script, self.args, self.out, self.nets, self.opts = script, args, out, nets, opts
+        self.phases, self.t_start = phases, t_start
+        self.phase_i, self.step, self.elapsed_before = 0, 0, 0.0
+        if ckpt is not None:
+            for k, sd in ckpt["nets"].items():
+                nets[k].load_state_dict(sd)
+            for k, sd in ckpt["opts"].items():
+                opts[k].load_state_dict(sd)
+            names = list(phases)
+            self.phase_i = names.index(ckpt["phase"]) if ckpt["phase"] in names else len(names)  # "done"
+            self.step, self.elapsed_before = ckpt["step"], ckpt["elapsed"]
+            set_rng_state(ckpt["rng"])
+            print(f"resume: from phase {ckpt['phase']}, step {self.step}")
+        self.log = CSVLog(out / "log.csv", ["phase", "step", "seconds", *log_fields],
+                          keep_rows=ckpt["log_rows"] if ckpt else None)
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, over every session of this run."""
+        return self.elapsed_before + time.time() - self.t_start
+
+    def checkpoint(self, phase: str, done: int):
+        save_checkpoint(self.out / "ckpt.pt", {
+            "script": self.script, "args": dataclasses.asdict(self.args), "phase": phase, "step": done,
+            "nets": {k: v.state_dict() for k, v in self.nets.items()},
+            "opts": {k: v.state_dict() for k, v in self.opts.items()},
+            "rng": rng_state(), "log_rows": self.log.rows, "elapsed": self.elapsed()})
+
+    def run(self, setup, after_phase=None) -> bool:
+        """``setup(phase, start_step)`` puts the networks in the phase's modes and returns its step function;
+        ``after_phase(phase)`` runs when a phase is complete. Returns True when every phase is done, False when
+        interrupted (the checkpoint is written and the command to continue printed)."""
+        names, args = list(self.phases), self.args
+        global_done = sum(self.phases[p] for p in names[:self.phase_i]) + self.step
+        step = self.step
+        with GracefulInterrupt() as interrupt:
+            for i_phase in range(self.phase_i, len(names)):
+                phase, total = names[i_phase], self.phases[names[i_phase]]
+                train_step = setup(phase, step)
+                bar = tqdm(range(step, total), initial=step, total=total, desc=f"{phase:>5}", dynamic_ncols=True,
+                           disable=None)
+                for i in bar:
+                    losses = train_step()
+                    done, global_done = i + 1, global_done + 1
+                    if done % args.log_every == 0 or done == total:
+                        values = {k: v.item() for k, v in losses.items()}
+                        check_finite(phase, done, values)
+                        self.log.write(phase=phase, step=done, seconds=round(self.elapsed(), 2), **values)
+                        bar.set_postfix({k.removeprefix("loss_"): f"{v:.4f}" for k, v in values.items()})
+                    if done % args.ckpt_every == 0:
+                        self.checkpoint(phase, done)
+                    if global_done == args.interrupt_at:
+                        interrupt.requested = True
+                    if interrupt.requested:
+                        self.checkpoint(phase, done)
+                        self.log.close()
+                        print(f"stopped at {phase} step {done}; continue with: "
+                              f"python {self.script}.py --resume {self.out}")
+                        return False
+                bar.close()
+                if after_phase is not None:
+                    after_phase(phase)
+                step = 0
+                self.checkpoint(names[i_phase + 1] if i_phase + 1 < len(names) else "done", 0)
+        self.log.close()
+        return True

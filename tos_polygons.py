@@ -50,17 +50,14 @@ learn to invert e (its parameter error is at chance); the quick widths are fine.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 import common
 from common import (DownscalingEncoder, UpscalingGenerator, compliance_loss, freeze, gan_d_loss, gan_g_loss,
@@ -149,7 +146,7 @@ PRESETS = {
 DRY_RUN = dict(n_e_train=256, n_t=256, n_e_test=64, e_steps=3, cbar_steps=3, gan_steps=3, n_eval=64, log_every=1,
                ckpt_every=2)
 PHASES = ("e", "cbar", "dcgan", "tos")
-LOG_FIELDS = ["phase", "step", "seconds", "loss_e", "loss_cbar", "loss_d", "loss_g_gan", "loss_c"]
+LOG_FIELDS = ["loss_e", "loss_cbar", "loss_d", "loss_g_gan", "loss_c"]
 
 
 def auto_preset(args: Args):
@@ -305,34 +302,8 @@ def results_table(m: dict, threshold: float) -> str:
 # ======================================================================================================================
 def main(argv=None):
     t_start = time.time()
-    args, preset, why, given = common.parse_args(Args, PRESETS, auto_preset, argv, description=__doc__.split("\n")[0])
-    ckpt = None
-    if args.resume:
-        ckpt = common.load_checkpoint(args.resume)
-        require(ckpt.get("script") == "tos_polygons", f"--resume: {args.resume} is not a tos_polygons checkpoint")
-        keep = {k: getattr(args, k) for k in ("device", "interrupt_at", "resume")}
-        ignored = sorted(given - set(keep))
-        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["args"].items()}
-        args = dataclasses.replace(Args(**saved), **keep)
-        preset, why = args.preset, "restored from the checkpoint"
-        if ignored:
-            print(f"resume: using the saved configuration; ignoring {', '.join('--' + k for k in ignored)}")
-    if args.dry_run and ckpt is None:  # a resumed run's saved arguments already hold the dry run's sizes
-        args = dataclasses.replace(args, **{k: v for k, v in DRY_RUN.items() if k not in given})
-    validate(args)
-    device = common.pick_device(args.device)
-
-    out = Path(args.out) if args.out else common.default_out_dir("tos_polygons", args.seed)
-    if ckpt is not None:
-        out = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
-    else:
-        require(not (out / "config.json").exists(),
-                f"{out} already holds a run: pass --resume {out} to continue it, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    args = dataclasses.replace(args, out=str(out))
-    print(f"preset: {preset} ({why}); device: {common.describe_device(device)}; output: {out}")
-    common.print_config(args)
-    common.write_json(out / "config.json", {**dataclasses.asdict(args), "preset_reason": why})
+    args, preset, device, out, ckpt = common.start_run("tos_polygons", Args, PRESETS, auto_preset, DRY_RUN, validate,
+                                                       argv, description=__doc__.split("\n")[0])
 
     # ------------------------------------------------------------------------------------------------------------------
     # Seeding, then data. The data come from their own numpy generator, so a resumed run rebuilds exactly the same sets.
@@ -371,25 +342,7 @@ def main(argv=None):
     e = nets["e"]
 
     steps = {"e": args.e_steps, "cbar": args.cbar_steps, "dcgan": args.gan_steps, "tos": args.gan_steps}
-    phase_i, step, results, elapsed_before = 0, 0, {}, 0.0
-    if ckpt is not None:
-        for k, sd in ckpt["nets"].items():
-            nets[k].load_state_dict(sd)
-        for k, sd in ckpt["opts"].items():
-            opts[k].load_state_dict(sd)
-        phase_i = PHASES.index(ckpt["phase"]) if ckpt["phase"] in PHASES else len(PHASES)  # "done": evaluate only
-        step, results = ckpt["step"], ckpt["results"]
-        elapsed_before = ckpt["elapsed"]
-        common.set_rng_state(ckpt["rng"])
-        print(f"resume: from phase {ckpt['phase']}, step {step}")
-    log = common.CSVLog(out / "log.csv", LOG_FIELDS, keep_rows=ckpt["log_rows"] if ckpt else None)
-
-    def checkpoint(phase: str, done: int):
-        common.save_checkpoint(out / "ckpt.pt", {
-            "script": "tos_polygons", "args": dataclasses.asdict(args), "phase": phase, "step": done,
-            "nets": {k: v.state_dict() for k, v in nets.items()}, "opts": {k: v.state_dict() for k, v in opts.items()},
-            "rng": common.rng_state(), "log_rows": log.rows, "results": results,
-            "elapsed": elapsed_before + time.time() - t_start})
+    runner = common.PhaseRunner("tos_polygons", args, out, nets, opts, steps, LOG_FIELDS, ckpt, t_start)
 
     def batch(x: torch.Tensor, *more: torch.Tensor):
         idx = torch.randint(len(x), (args.batch_size,), device=device)
@@ -445,7 +398,7 @@ def main(argv=None):
             opt_c.step()
         return losses
 
-    def phase_setup(phase: str):
+    def phase_setup(phase: str, start_step: int):
         """Train mode for the networks this phase trains; e is fixed after its own phase."""
         for net in nets.values():
             net.eval()
@@ -455,51 +408,28 @@ def main(argv=None):
             nets[k].train()
         if phase != "e":
             freeze(e)
-        if phase == "tos" and step == 0 and args.c_init == "cbar":
+        if phase == "tos" and start_step == 0 and args.c_init == "cbar":
             nets["tos_c"].load_state_dict(nets["cbar"].state_dict())
         return {"e": step_e, "cbar": step_cbar,
                 "dcgan": lambda: gan_step(nets["dcgan_G"], nets["dcgan_d"], opts["dcgan_G"], opts["dcgan_d"]),
                 "tos": lambda: gan_step(nets["tos_G"], nets["tos_d"], opts["tos_G"], opts["tos_d"],
                                         nets["tos_c"], opts["tos_c"])}[phase]
 
+    @torch.no_grad()
+    def e_test_mse() -> float:
+        return torch.nn.functional.mse_loss(e.eval()(u_e_test), x_e_test).item()
+
+    def after_phase(phase: str):
+        if phase == "e":
+            mse = e_test_mse()
+            print(f"e: held-out MSE {mse:.4f} on the [-1, 1] scale ({mse / 4:.4f} on [0, 1]); "
+                  f"the paper reports 'MSE of 0.1'")
+
     # ------------------------------------------------------------------------------------------------------------------
     # Training: the phases in order, each from where a checkpoint left it
     # ------------------------------------------------------------------------------------------------------------------
-    global_done = sum(steps[p] for p in PHASES[:phase_i]) + step
-    with common.GracefulInterrupt() as interrupt:
-        for phase in PHASES[phase_i:]:
-            train_step = phase_setup(phase)
-            bar = tqdm(range(step, steps[phase]), initial=step, total=steps[phase], desc=f"{phase:>5}",
-                       dynamic_ncols=True, disable=None)
-            for i in bar:
-                losses = train_step()
-                done, global_done = i + 1, global_done + 1
-                if done % args.log_every == 0 or done == steps[phase]:
-                    values = {k: v.item() for k, v in losses.items()}
-                    common.check_finite(phase, done, values)
-                    log.write(phase=phase, step=done, seconds=round(elapsed_before + time.time() - t_start, 2),
-                              **values)
-                    bar.set_postfix({k[5:]: f"{v:.4f}" for k, v in values.items()})
-                if done % args.ckpt_every == 0:
-                    checkpoint(phase, done)
-                if global_done == args.interrupt_at:
-                    interrupt.requested = True
-                if interrupt.requested:
-                    checkpoint(phase, done)
-                    log.close()
-                    print(f"stopped at {phase} step {done}; continue with: python tos_polygons.py --resume {out}")
-                    return 130
-            bar.close()
-            if phase == "e":
-                with torch.no_grad():
-                    e.eval()
-                    mse = torch.nn.functional.mse_loss(e(u_e_test), x_e_test).item()
-                results["e_test_mse"] = mse
-                print(f"e: held-out MSE {mse:.4f} on the [-1, 1] scale ({mse / 4:.4f} on [0, 1]); "
-                      f"the paper reports 'MSE of 0.1'")
-            step = 0
-            checkpoint(PHASES[PHASES.index(phase) + 1] if phase != PHASES[-1] else "done", 0)
-    log.close()
+    if not runner.run(phase_setup, after_phase):
+        return 130
 
     # ------------------------------------------------------------------------------------------------------------------
     # Evaluation (fixed z_eval for both GANs; fresh renders and e(u) as references)
@@ -508,13 +438,13 @@ def main(argv=None):
         net.eval()
     print(f"evaluating {args.n_eval} samples of each model against the real renderer ...")
     fitter = PolygonFitter(device)
+    e_mse = e_test_mse()
     with torch.no_grad():
         g_dcgan, g_tos = nets["dcgan_G"](z_eval), nets["tos_G"](z_eval)
         e_u = e(u_eval)
         cbar_test_u = nets["cbar"](x_e_test)
         metrics = {
-            "e": {"test_mse": results["e_test_mse"], "test_mse_0_1_scale": results["e_test_mse"] / 4,
-                  "paper_mse": 0.1},
+            "e": {"test_mse": e_mse, "test_mse_0_1_scale": e_mse / 4, "paper_mse": 0.1},
             "cbar": {"param_mae_on_held_out_renders": dict(zip(
                 ("n_vertices", "radius", "rotation"),
                 np.abs(from_u(cbar_test_u) - from_u(u_e_test)).mean(0).round(4).tolist()))},
@@ -534,7 +464,7 @@ def main(argv=None):
         common.save_grid(e(nets["tos_c"](g_tos[:n_grid])), out / "tos_e_c_G.png")
         common.save_grid(render_batch(from_u(nets["tos_c"](g_tos[:n_grid]))), out / "tos_engine_c_G.png")
 
-    wall = elapsed_before + time.time() - t_start
+    wall = runner.elapsed()
     table = results_table(metrics, args.valid_threshold)
     common.write_json(out / "metrics.json", {
         "script": "tos_polygons", "preset": preset, "seed": args.seed, "device": common.describe_device(device),
