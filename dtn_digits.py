@@ -243,9 +243,9 @@ def load_domains(root: str, download: bool, n_synthetic: int, n_synthetic_test: 
 
 class DigitEncoder(nn.Module):
     """f, and the evaluation classifier's body: four 4x4 convolutions with 64-128-256-128 filters, each followed by
-    max pooling (2x2, the last 4x4) and ReLU (journal Table 1): 32 -> 16 -> 8 -> 4 -> 1. The code is the last convolution's 128-D activation
-    "post a 4x4 max pooling and before the ReLU" (journal §6.2). Takes 32x32 RGB in [-1, 1]; grey MNIST digits are
-    repeated to three channels (§6.2)."""
+    max pooling (2x2, the last 4x4) and ReLU (journal Table 1): 32 -> 16 -> 8 -> 4 -> 1. The code is the last
+    convolution's 128-D activation "post a 4x4 max pooling and before the ReLU" (journal §6.2). Takes 32x32 RGB in
+    [-1, 1]; grey MNIST digits are repeated to three channels (§6.2)."""
 
     def __init__(self, widths=(64, 128, 256, 128)):
         super().__init__()
