@@ -61,18 +61,69 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def field_docs(cls) -> dict[str, str]:
-    """The docstring written under each field of a dataclass, read from its source (cleanrl's convention)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return {}
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    """The docstring written under each field of a dataclass and of the dataclasses it extends, read from their
+    source (cleanrl's convention)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                    docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
+
+
+@dataclasses.dataclass
+class RunArgs:
+    """The arguments every training script has; a script's ``Args`` extends it with the paper's hyperparameters."""
+    preset: str = "auto"
+    """paper (the paper's widths and a full schedule, for one GPU) or quick (narrower layers and fewer steps, for a
+    2-core CPU; the script's PRESETS say what changes); auto picks paper on CUDA and quick otherwise"""
+    seed: int = 1
+    """seed of the experiment (data, initialisation, batches, evaluation noise)"""
+    device: str = "auto"
+    """auto, cuda, cpu or mps"""
+    out: str = ""
+    """output folder; empty means runs/<script>/<time>__seed<seed>"""
+    resume: str = ""
+    """a run folder (or its ckpt.pt) to continue; its saved configuration is used"""
+    dry_run: bool = False
+    """a few steps of every phase on tiny data: checks that everything runs and writes its files"""
+    log_every: int = 100
+    """write losses to log.csv (and check them for NaN) every N steps"""
+    ckpt_every: int = 2000
+    """write ckpt.pt every N steps (and at the end of each phase, and on Ctrl-C)"""
+    interrupt_at: int = -1
+    """(testing) act as if Ctrl-C was pressed after this many steps of the whole run; -1 never"""
+
+
+def auto_preset(args) -> tuple[str, str]:
+    """The preset for a run without --preset: the paper's on CUDA, the CPU recipe otherwise."""
+    if args.device in ("auto", "cuda") and torch.cuda.is_available():
+        return "paper", "auto: a CUDA device is available"
+    return "quick", "auto: no CUDA device, so the CPU recipe"
+
+
+def sample_batch(batch_size: int, x: torch.Tensor, *more: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A random mini-batch (with replacement) of ``x`` and of the tensors aligned with it, drawn on their device:
+    no loader, no host sync."""
+    idx = torch.randint(len(x), (batch_size,), device=x.device)
+    return (x[idx], *(m[idx] for m in more))
+
+
+def run_main(main, script: str):
+    """``sys.exit(main())``, with a NaN stop reported as one line and exit code 1."""
+    try:
+        sys.exit(main())
+    except NonFiniteLoss as exc:
+        print(f"{script}: error: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 _UNSET = object()
@@ -513,14 +564,14 @@ class GracefulInterrupt:
 # ======================================================================================================================
 
 
-def start_run(script: str, cls, presets: dict, auto_preset, dry_run_sizes: dict, validate, argv=None,
+def start_run(script: str, cls, presets: dict, dry_run_sizes: dict, validate, argv=None,
               description: str | None = None):
     """Arguments, ``--resume``, ``--dry-run``, validation, device and output folder, in that order: nothing is
     written before every check has passed. Returns ``(args, preset, device, out, ckpt)``; ``ckpt`` is the loaded
     checkpoint when resuming, else None.
 
-    ``cls`` needs the fields preset, device, out, resume, dry_run, seed and interrupt_at. A resumed run uses its saved
-    arguments (only --device and --interrupt-at may change); a dry run shrinks the sizes the user did not set."""
+    ``cls`` extends RunArgs. A resumed run uses its saved arguments (only --device and --interrupt-at may change); a
+    dry run shrinks the sizes the user did not set."""
     args, preset, why, given = parse_args(cls, presets, auto_preset, argv, description=description)
     ckpt = None
     if args.resume:

@@ -27,7 +27,6 @@ import glob
 import gzip
 import importlib.util
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,18 +276,24 @@ class DigitClassifier(nn.Module):
         return self.head(torch.relu(self.f(x)))
 
 
+def classifier_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                    batch_size: int) -> torch.Tensor:
+    """One cross-entropy step with Adam (DTN §3 names Adam; the schedule is ours) on a random batch of (x, y)."""
+    xb, yb = common.sample_batch(batch_size, x, y)
+    loss = nn.functional.cross_entropy(model(xb), yb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def train_classifier(model: DigitClassifier, x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int,
                      lr: float, desc: str = "classifier") -> DigitClassifier:
-    """Cross-entropy training with Adam (DTN §3 names Adam; the schedule is ours). Data stay where they are (on the
-    GPU when they fit); batches are drawn with torch.randint, so no loader overhead."""
+    """``steps`` classifier steps outside the run's phases (for notebooks and tests)."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in tqdm(range(steps), desc=desc, disable=None, dynamic_ncols=True):
-        idx = torch.randint(len(x), (batch_size,), device=x.device)
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        classifier_step(model, opt, x, y, batch_size)
     return model.eval()
 
 
@@ -305,21 +310,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 
 @dataclass
-class Args:
-    preset: str = "auto"
-    """paper (Table 1 widths, for one GPU) or quick (narrower f and fewer steps, a 2-core CPU); auto picks paper on
-    CUDA and quick otherwise"""
-    seed: int = 1
-    """seed of the experiment"""
-    device: str = "auto"
-    """auto, cuda, cpu or mps"""
-    out: str = ""
-    """output folder; empty means runs/dtn_digits/<time>__seed<seed>"""
-    resume: str = ""
-    """a run folder (or its ckpt.pt) to continue; its saved configuration is used"""
-    dry_run: bool = False
-    """a few steps of every phase on tiny data"""
-
+class Args(common.RunArgs):
     # Data (§5.1)
     data_root: str = "data"
     """where torchvision keeps (or downloads) SVHN and MNIST; ../shared/data holds MNIST for validation runs"""
@@ -365,13 +356,6 @@ class Args:
     dtn_steps: int = 20000
     """DTN steps"""
 
-    # Bookkeeping
-    log_every: int = 100
-    """write losses to log.csv (and check them for NaN) every N steps"""
-    ckpt_every: int = 2000
-    """write ckpt.pt every N steps (and at the end of each phase, and on Ctrl-C)"""
-    interrupt_at: int = -1
-    """(testing) act as if Ctrl-C was pressed after this many steps of the whole run; -1 never"""
 
 
 PRESETS = {
@@ -384,12 +368,6 @@ DRY_RUN = dict(n_synthetic=200, n_synthetic_test=100, f_steps=3, clf_steps=3, dt
                batch_size=16)
 ABLATIONS = ("none", "no_tid", "no_const", "no_const_tid", "no_gan")
 LOG_FIELDS = ["loss_f", "loss_clf", "loss_d", "loss_gang", "loss_const", "loss_tid", "loss_tv"]
-
-
-def auto_preset(args: Args):
-    if args.device in ("auto", "cuda") and torch.cuda.is_available():
-        return "paper", "auto: a CUDA device is available"
-    return "quick", "auto: no CUDA device, so the CPU recipe"
 
 
 def validate(args: Args):
@@ -408,7 +386,7 @@ def validate(args: Args):
 # ======================================================================================================================
 def main(argv=None):
     t_start = time.time()
-    args, preset, device, out, ckpt = common.start_run("dtn_digits", Args, PRESETS, auto_preset, DRY_RUN, validate,
+    args, preset, device, out, ckpt = common.start_run("dtn_digits", Args, PRESETS, DRY_RUN, validate,
                                                        argv, description=__doc__.split("\n")[0])
     common.seed_everything(args.seed)
     data = load_domains(args.data_root, args.download, args.n_synthetic, args.n_synthetic_test, args.seed)
@@ -439,16 +417,7 @@ def main(argv=None):
     beta = 0.0 if args.ablation in ("no_tid", "no_const_tid") else args.beta
 
     def batch(x: torch.Tensor, *more: torch.Tensor):
-        idx = torch.randint(len(x), (args.batch_size,), device=device)
-        return (x[idx], *(m[idx] for m in more))
-
-    def classifier_step(name: str, x: torch.Tensor, y: torch.Tensor, loss_name: str):
-        xb, yb = batch(x, y)
-        loss = nn.functional.cross_entropy(nets[name](xb), yb)
-        opts[name].zero_grad(set_to_none=True)
-        loss.backward()
-        opts[name].step()
-        return {loss_name: loss}
+        return common.sample_batch(args.batch_size, x, *more)
 
     def dtn_step():
         (xs,), (xt,) = batch(s_train), batch(t)
@@ -463,7 +432,7 @@ def main(argv=None):
             opts["D"].step()
             losses["loss_d"] = loss_d
         # (2) g minimizes L_GANG + alpha L_CONST + beta L_TID + gamma L_TV                                  (Eq. 4-7)
-        loss_g = torch.zeros((), device=device)
+        loss_g = 0.0
         if use_gan:
             losses["loss_gang"] = common.dtn_gang_loss(D(g_s), D(g_t))
             loss_g = loss_g + losses["loss_gang"]
@@ -486,10 +455,12 @@ def main(argv=None):
             net.eval()
         if phase == "f":
             nets["f_clf"].train()
-            return lambda: classifier_step("f_clf", s_train, s_train_y, "loss_f")
+            return lambda: {"loss_f": classifier_step(nets["f_clf"], opts["f_clf"], s_train, s_train_y,
+                                                      args.batch_size)}
         if phase == "clf":
             nets["eval_clf"].train()
-            return lambda: classifier_step("eval_clf", c_train, c_train_y, "loss_clf")
+            return lambda: {"loss_clf": classifier_step(nets["eval_clf"], opts["eval_clf"], c_train, c_train_y,
+                                                        args.batch_size)}
         common.freeze(nets["f_clf"])  # f is fixed during transfer (DTN §3)
         common.freeze(nets["eval_clf"])
         g.train()
@@ -533,8 +504,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except common.NonFiniteLoss as exc:
-        print(f"dtn_digits.py: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    common.run_main(main, "dtn_digits.py")

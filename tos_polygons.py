@@ -51,7 +51,6 @@ learn to invert e (its parameter error is at chance); the quick widths are fine.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 
@@ -65,21 +64,7 @@ from common import (DownscalingEncoder, UpscalingGenerator, compliance_loss, fre
 
 
 @dataclass
-class Args:
-    preset: str = "auto"
-    """paper (Table 1 widths, full schedule, alpha 1, for one GPU) or quick (4x narrower, fewer steps, alpha 0.1, a
-    2-core CPU in < 10 min); auto picks paper on CUDA and quick otherwise"""
-    seed: int = 1
-    """seed of the experiment (data, initialisation, batches, evaluation noise)"""
-    device: str = "auto"
-    """auto, cuda, cpu or mps"""
-    out: str = ""
-    """output folder; empty means runs/tos_polygons/<time>__seed<seed>"""
-    resume: str = ""
-    """a run folder (or its ckpt.pt) to continue; its saved configuration is used"""
-    dry_run: bool = False
-    """a few steps of every phase on tiny data: checks that everything runs and writes its files"""
-
+class Args(common.RunArgs):
     # Data: the polygon engine (§4.1)
     n_e_train: int = 10000
     """renders to train e on (§4.1: "10,000 training images were created and used in order to train a CNN e")"""
@@ -128,13 +113,6 @@ class Args:
     """a sample is valid when the per-pixel MSE to its best-fitting real render is below this ([-1, 1] scale;
     0.05 is about 50 of 4,096 pixels flipped)"""
 
-    # Bookkeeping
-    log_every: int = 100
-    """write losses to log.csv (and check them for NaN) every N steps"""
-    ckpt_every: int = 2000
-    """write ckpt.pt every N steps (and at the end of each phase, and on Ctrl-C)"""
-    interrupt_at: int = -1
-    """(testing) act as if Ctrl-C was pressed after this many steps of the whole run; -1 never"""
 
 
 PRESETS = {
@@ -147,12 +125,6 @@ DRY_RUN = dict(n_e_train=256, n_t=256, n_e_test=64, e_steps=3, cbar_steps=3, gan
                ckpt_every=2)
 PHASES = ("e", "cbar", "dcgan", "tos")
 LOG_FIELDS = ["loss_e", "loss_cbar", "loss_d", "loss_g_gan", "loss_c"]
-
-
-def auto_preset(args: Args):
-    if args.device in ("auto", "cuda") and torch.cuda.is_available():
-        return "paper", "auto: a CUDA device is available"
-    return "quick", "auto: no CUDA device, so the CPU recipe"
 
 
 def validate(args: Args):
@@ -302,7 +274,7 @@ def results_table(m: dict, threshold: float) -> str:
 # ======================================================================================================================
 def main(argv=None):
     t_start = time.time()
-    args, preset, device, out, ckpt = common.start_run("tos_polygons", Args, PRESETS, auto_preset, DRY_RUN, validate,
+    args, preset, device, out, ckpt = common.start_run("tos_polygons", Args, PRESETS, DRY_RUN, validate,
                                                        argv, description=__doc__.split("\n")[0])
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -345,8 +317,7 @@ def main(argv=None):
     runner = common.PhaseRunner("tos_polygons", args, out, nets, opts, steps, LOG_FIELDS, ckpt, t_start)
 
     def batch(x: torch.Tensor, *more: torch.Tensor):
-        idx = torch.randint(len(x), (args.batch_size,), device=device)
-        return (x[idx], *(m[idx] for m in more))
+        return common.sample_batch(args.batch_size, x, *more)
 
     def noise():
         return torch.rand(args.batch_size, args.nz, device=device) * 2 - 1  # z ~ U[-1, 1]^nz
@@ -479,8 +450,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except common.NonFiniteLoss as exc:
-        print(f"tos_polygons.py: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    common.run_main(main, "tos_polygons.py")
