@@ -23,10 +23,13 @@ Data (issue 3):
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import gzip
 import importlib.util
+import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,7 +341,15 @@ class Args(common.RunArgs):
     gamma: float = 0.0
     """weight of L_TV (§5.1: "the weight of L_TV was set to gamma = 0")"""
     ablation: str = "none"
-    """none, no_tid, no_const, no_const_tid or no_gan (Table 1's rows: the term(s) removed)"""
+    """Table 1's row: none (DTN), no_tid, no_const, no_const_tid, no_gan (the term(s) removed), g_without_f (G = g o h
+    with a learned encoder h in place of the fixed f; all DTN losses), or baseline (Sec. 3: G = g o h, a binary D on
+    G(s) against t, and L_CONST; no L_TID)"""
+
+    # Unseen digits (§5.1.1, Table 3)
+    drop_class: int = -1
+    """a digit (0-9) to remove from the sets named by --drop-from (Table 3 removes '3'); -1 removes nothing"""
+    drop_from: str = ""
+    """comma-separated, any of s (DTN's source set), t (the target set) and f (f's training set)"""
 
     # Optimisation (the paper names Adam and gives no schedule)
     batch_size: int = 128
@@ -354,24 +365,35 @@ class Args(common.RunArgs):
     clf_steps: int = 10000
     """steps to train the evaluation classifier on MNIST train"""
     dtn_steps: int = 20000
-    """DTN steps"""
+    """DTN steps (g updates)"""
+    d_every: int = 5
+    """D is updated once every d_every g updates (ours: the paper gives no schedule; with 1, D overpowers g, as the
+    third-party report warns, and G(s) stays noise)"""
+
+    # Reuse and tables
+    pretrained: str = ""
+    """a finished dtn_digits run (folder or ckpt.pt) whose f and evaluation classifier to reuse instead of training
+    them (f is still trained when --drop-from has f); --table uses it for every row after the first"""
+    table: int = 0
+    """1, 2 or 3: run every row of the paper's Table 1, 2 or 3 into one folder and write table.md; 0 runs one model"""
 
 
 
 PRESETS = {
     "paper": {},
+    # quick: alpha and dtn_steps chosen on validation seed 100 (README, "How the schedule was chosen")
     "quick": dict(f_widths=(16, 32, 64, 128), g_widths=(32, 32, 32), d_widths=(16, 32, 64), n_synthetic=20000,
-                  n_synthetic_test=2000, f_steps=1500, clf_steps=800, dtn_steps=1500, batch_size=64, log_every=50,
-                  ckpt_every=500),
+                  n_synthetic_test=2000, f_steps=1500, clf_steps=800, dtn_steps=750, alpha=0.1, batch_size=64,
+                  log_every=50, ckpt_every=250),
 }
 DRY_RUN = dict(n_synthetic=200, n_synthetic_test=100, f_steps=3, clf_steps=3, dtn_steps=3, log_every=1, ckpt_every=2,
                batch_size=16)
-ABLATIONS = ("none", "no_tid", "no_const", "no_const_tid", "no_gan")
+ABLATIONS = ("none", "no_tid", "no_const", "no_const_tid", "no_gan", "g_without_f", "baseline")
 LOG_FIELDS = ["loss_f", "loss_clf", "loss_d", "loss_gang", "loss_const", "loss_tid", "loss_tv"]
 
 
 def validate(args: Args):
-    for name in ("n_synthetic", "n_synthetic_test", "batch_size", "log_every", "ckpt_every"):
+    for name in ("n_synthetic", "n_synthetic_test", "batch_size", "log_every", "ckpt_every", "d_every"):
         common.require(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
     for name in ("f_steps", "clf_steps", "dtn_steps"):
         common.require(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more")
@@ -379,11 +401,65 @@ def validate(args: Args):
                    "--f-widths needs 4 widths, --g-widths and --d-widths 3 each, for 32x32 images")
     common.require(min(args.alpha, args.beta, args.gamma) >= 0, "--alpha, --beta and --gamma must be >= 0")
     common.require(args.ablation in ABLATIONS, f"--ablation must be one of {', '.join(ABLATIONS)}")
+    common.require(-1 <= args.drop_class <= 9, "--drop-class must be a digit 0-9, or -1 for none")
+    bad = set(drop_sets(args)) - {"s", "t", "f"}
+    common.require(not bad, f"--drop-from takes s, t and f, comma-separated; got {', '.join(sorted(bad))}")
+    common.require((args.drop_class >= 0) == bool(drop_sets(args)), "--drop-class and --drop-from go together")
+    common.require(args.table in (0, 1, 2, 3), "--table must be 1, 2 or 3 (or 0 for a single run)")
+    if args.pretrained:
+        path = Path(args.pretrained)
+        path = path / "ckpt.pt" if path.is_dir() else path
+        common.require(path.is_file(), f"--pretrained: {path} does not exist")
+
+
+def drop_sets(args: Args) -> list[str]:
+    return [x.strip() for x in args.drop_from.split(",") if x.strip()]
+
+
+def drop_class(x: torch.Tensor, y: torch.Tensor, cls: int):
+    """(x, y) without the samples of class ``cls`` (Table 3's unseen digit)."""
+    keep = y != cls
+    return x[keep], y[keep]
+
+
+# ======================================================================================================================
+# Evaluation helpers (Tables 1-3)
+# ======================================================================================================================
+
+
+@torch.no_grad()
+def transfer(G, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    """G(x) for a whole set, in batches."""
+    return torch.cat([G(xb) for xb in x.split(batch)])
+
+
+@torch.no_grad()
+def nearest_neighbour_accuracy(ref_x: torch.Tensor, ref_y: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                               chunk: int = 256) -> float:
+    """Table 2's domain adaptation: each sample of x gets the label of its nearest neighbour (Euclidean, on the
+    pixels) in ref_x, here G(s) with the source labels."""
+    ref = ref_x.flatten(1)
+    ref_sq = (ref * ref).sum(1)
+    correct = 0
+    for xb, yb in zip(x.flatten(1).split(chunk), y.split(chunk)):
+        dist = ref_sq[None, :] - 2 * xb @ ref.T  # |a-b|^2 without the |a|^2 that is the same for every b
+        correct += (ref_y[dist.argmin(1)] == yb).sum()
+    return float(correct) / len(x)
+
+
+@torch.no_grad()
+def per_class_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    pred = torch.cat([model(xb).argmax(1) for xb in x.split(1000)])
+    return [float((pred[y == k] == k).float().mean()) if (y == k).any() else float("nan") for k in range(10)]
 
 
 # ======================================================================================================================
 # Main: arguments, data, networks, training phases, evaluation, outputs
 # ======================================================================================================================
+PAPER_TABLE1 = {"baseline": 0.1371, "none": 0.9066, "no_tid": 0.8840, "no_const": 0.7455, "g_without_f": 0.3690,
+                "no_gan": 0.3470, "no_const_tid": 0.0528}
+
+
 def main(argv=None):
     t_start = time.time()
     args, preset, device, out, ckpt = common.start_run("dtn_digits", Args, PRESETS, DRY_RUN, validate,
@@ -394,68 +470,111 @@ def main(argv=None):
         if k != "sources":
             data[k] = data[k].to(device)
     s_train, s_train_y, s_test, s_test_y = data["s_train"], data["s_train_y"], data["s_test"], data["s_test_y"]
-    t, c_train, c_train_y = data["t"], data["c_train"], data["c_train_y"]
+    f_train, f_train_y = s_train, s_train_y  # f learns from the source training set (§5.1: SVHN extra)
+    t, t_y, c_train, c_train_y = data["t"], data["t_y"], data["c_train"], data["c_train_y"]
+    dropped = drop_sets(args)
+    if "s" in dropped:
+        s_train, s_train_y = drop_class(s_train, s_train_y, args.drop_class)
+    if "t" in dropped:
+        t, t_y = drop_class(t, t_y, args.drop_class)
+    if "f" in dropped:
+        f_train, f_train_y = drop_class(f_train, f_train_y, args.drop_class)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Networks: f (the fixed representation, pretrained on the source labels), g (f's code -> 32x32 digit),
     # D (ternary: g(f(s)), g(f(t)), or a real t), and the evaluation classifier, which never touches a DTN loss.
+    # The baseline of Sec. 3 and "G does not contain f" replace f inside G by a learned encoder h of f's shape.
     # ------------------------------------------------------------------------------------------------------------------
+    baseline, learned_h = args.ablation == "baseline", args.ablation in ("baseline", "g_without_f")
     nets = {"f_clf": DigitClassifier(args.f_widths), "eval_clf": DigitClassifier(args.f_widths),
             "g": common.UpscalingGenerator(args.f_widths[-1], args.g_widths, 1),
-            "D": common.DownscalingEncoder(1, args.d_widths, 3)}
+            "D": common.DownscalingEncoder(1, args.d_widths, 1 if baseline else 3)}
+    if learned_h:
+        nets["h"] = DigitEncoder(args.f_widths)
     for net in nets.values():
         net.to(device)
+    g_params = [p for k in ("g", "h") if k in nets for p in nets[k].parameters()]
     opts = {"f_clf": torch.optim.Adam(nets["f_clf"].parameters(), lr=args.clf_lr),
             "eval_clf": torch.optim.Adam(nets["eval_clf"].parameters(), lr=args.clf_lr),
-            "g": torch.optim.Adam(nets["g"].parameters(), lr=args.lr, betas=(args.beta1, 0.999)),
+            "g": torch.optim.Adam(g_params, lr=args.lr, betas=(args.beta1, 0.999)),
             "D": torch.optim.Adam(nets["D"].parameters(), lr=args.lr, betas=(args.beta1, 0.999))}
     f, g, D = nets["f_clf"].f, nets["g"], nets["D"]
+    enc = nets["h"] if learned_h else f  # what G starts with: G = g o f (DTN), or g o h
+
+    def G(x: torch.Tensor) -> torch.Tensor:
+        return g(enc(x))
+
     steps = {"f": args.f_steps, "clf": args.clf_steps, "dtn": args.dtn_steps}
+    if args.pretrained and ckpt is None:
+        path = Path(args.pretrained)
+        pre = common.load_checkpoint(path / "ckpt.pt" if path.is_dir() else path)
+        common.require(pre.get("script") == "dtn_digits" and pre.get("phase") == "done",
+                       f"--pretrained: {args.pretrained} is not a finished dtn_digits run")
+        common.require(tuple(pre["args"]["f_widths"]) == tuple(args.f_widths),
+                       "--pretrained: that run's --f-widths differ from this one's")
+        nets["eval_clf"].load_state_dict(pre["nets"]["eval_clf"])
+        steps["clf"] = 0
+        if "f" not in dropped:
+            nets["f_clf"].load_state_dict(pre["nets"]["f_clf"])
+            steps["f"] = 0
+        print(f"pretrained: {'the evaluation classifier' if 'f' in dropped else 'f and the evaluation classifier'} "
+              f"from {args.pretrained}" + (" (f is trained again: --drop-from has f)" if "f" in dropped else ""))
     runner = common.PhaseRunner("dtn_digits", args, out, nets, opts, steps, LOG_FIELDS, ckpt, t_start)
     use_gan = args.ablation != "no_gan"
     alpha = 0.0 if args.ablation in ("no_const", "no_const_tid") else args.alpha
-    beta = 0.0 if args.ablation in ("no_tid", "no_const_tid") else args.beta
+    beta = 0.0 if args.ablation in ("no_tid", "no_const_tid", "baseline") else args.beta
 
     def batch(x: torch.Tensor, *more: torch.Tensor):
         return common.sample_batch(args.batch_size, x, *more)
 
-    def dtn_step():
-        (xs,), (xt,) = batch(s_train), batch(t)
-        f_s = f(xs)
-        g_s, g_t = g(f_s), g(f(xt))  # G(s) and G(t), G = g o f
-        losses = {}
-        if use_gan:
-            # (1) D minimizes L_D: g(f(s)) is class 1, g(f(t)) class 2, real t class 3                     (Eq. 3)
-            loss_d = common.dtn_d_loss(D(g_s.detach()), D(g_t.detach()), D(xt))
-            opts["D"].zero_grad(set_to_none=True)
-            loss_d.backward()
-            opts["D"].step()
-            losses["loss_d"] = loss_d
-        # (2) g minimizes L_GANG + alpha L_CONST + beta L_TID + gamma L_TV                                  (Eq. 4-7)
-        loss_g = 0.0
-        if use_gan:
-            losses["loss_gang"] = common.dtn_gang_loss(D(g_s), D(g_t))
-            loss_g = loss_g + losses["loss_gang"]
-        if alpha > 0:  # an ablated term is neither computed nor logged
-            losses["loss_const"] = common.const_loss(f_s, f(g_s))  # through the fixed f: never detach f(g(f(x)))
-            loss_g = loss_g + alpha * losses["loss_const"]
-        if beta > 0:
-            losses["loss_tid"] = common.tid_loss(xt, g_t)
-            loss_g = loss_g + beta * losses["loss_tid"]
-        if args.gamma > 0:
-            losses["loss_tv"] = common.tv_loss(g_s)
-            loss_g = loss_g + args.gamma * losses["loss_tv"]
-        opts["g"].zero_grad(set_to_none=True)
-        loss_g.backward()
-        opts["g"].step()
-        return losses
+    def dtn_step_fn(start_step: int):
+        state = {"step": start_step, "loss_d": None}
+
+        def dtn_step():
+            (xs,), (xt,) = batch(s_train), batch(t)
+            f_s = f(xs)
+            g_s = g(f_s) if not learned_h else G(xs)  # G(s)
+            g_t = G(xt) if beta > 0 or (use_gan and not baseline) else None  # G(t), when a loss uses it
+            losses = {}
+            if use_gan and state["step"] % args.d_every == 0:
+                if baseline:  # (1') binary D: t is real, G(s) is fake                                 (Eq. 1)
+                    loss_d = common.gan_d_loss(D(xt), D(g_s.detach()))
+                else:  # (1) D minimizes L_D: g(f(s)) is class 1, g(f(t)) class 2, real t class 3       (Eq. 3)
+                    loss_d = common.dtn_d_loss(D(g_s.detach()), D(g_t.detach()), D(xt))
+                opts["D"].zero_grad(set_to_none=True)
+                loss_d.backward()
+                opts["D"].step()
+                state["loss_d"] = loss_d
+            state["step"] += 1
+            if state["loss_d"] is not None:
+                losses["loss_d"] = state["loss_d"]  # the last D update's loss
+            # (2) g minimizes L_GANG + alpha L_CONST + beta L_TID + gamma L_TV                              (Eq. 4-7)
+            loss_g = 0.0
+            if use_gan:
+                losses["loss_gang"] = (common.gan_g_loss(D(g_s)) if baseline
+                                       else common.dtn_gang_loss(D(g_s), D(g_t)))
+                loss_g = loss_g + losses["loss_gang"]
+            if alpha > 0:  # an ablated term is neither computed nor logged
+                losses["loss_const"] = common.const_loss(f_s, f(g_s))  # through the fixed f: never detach f(G(s))
+                loss_g = loss_g + alpha * losses["loss_const"]
+            if beta > 0:
+                losses["loss_tid"] = common.tid_loss(xt, g_t)
+                loss_g = loss_g + beta * losses["loss_tid"]
+            if args.gamma > 0:
+                losses["loss_tv"] = common.tv_loss(g_s)
+                loss_g = loss_g + args.gamma * losses["loss_tv"]
+            opts["g"].zero_grad(set_to_none=True)
+            loss_g.backward()
+            opts["g"].step()
+            return losses
+        return dtn_step
 
     def setup(phase: str, start_step: int):
         for net in nets.values():
             net.eval()
         if phase == "f":
             nets["f_clf"].train()
-            return lambda: {"loss_f": classifier_step(nets["f_clf"], opts["f_clf"], s_train, s_train_y,
+            return lambda: {"loss_f": classifier_step(nets["f_clf"], opts["f_clf"], f_train, f_train_y,
                                                       args.batch_size)}
         if phase == "clf":
             nets["eval_clf"].train()
@@ -463,45 +582,174 @@ def main(argv=None):
                                                         args.batch_size)}
         common.freeze(nets["f_clf"])  # f is fixed during transfer (DTN §3)
         common.freeze(nets["eval_clf"])
-        g.train()
-        D.train()
-        return dtn_step
+        for k in ("g", "D", "h"):
+            if k in nets:
+                nets[k].train()
+        return dtn_step_fn(start_step)
 
     if not runner.run(setup):
         return 130
 
     # ------------------------------------------------------------------------------------------------------------------
-    # Evaluation: the MNIST classifier on G(s_test) against the source labels (Table 1), and the reference rows
+    # Evaluation. Table 1: the MNIST classifier on G(s_test) against the source labels. Table 2: 1-nearest-neighbour
+    # on G(s) with the source labels, evaluated on t. Table 3: Table 1's accuracy on one digit.
     # ------------------------------------------------------------------------------------------------------------------
     for net in nets.values():
         net.eval()
     clf = nets["eval_clf"]
     with torch.no_grad():
-        g_s_test = torch.cat([g(f(xb)) for xb in s_test.split(1000)])
+        g_s_test = transfer(G, s_test)
+        g_s_train = transfer(G, data["s_train"])
         metrics = {
             "f_source_test_accuracy": accuracy(nets["f_clf"], s_test, s_test_y),
-            "eval_classifier_accuracy_on_t": accuracy(clf, t, data["t_y"]),
-            "f_accuracy_on_t": accuracy(nets["f_clf"], t, data["t_y"]),
+            "eval_classifier_accuracy_on_t": accuracy(clf, data["t"], data["t_y"]),
+            "f_accuracy_on_t": accuracy(nets["f_clf"], data["t"], data["t_y"]),
             "dtn_accuracy": accuracy(clf, g_s_test, s_test_y),
             "original_source_accuracy": accuracy(clf, s_test, s_test_y),
+            "nn_transfer_train_split": nearest_neighbour_accuracy(g_s_train, data["s_train_y"], data["t"],
+                                                                  data["t_y"]),
+            "nn_transfer_test_split": nearest_neighbour_accuracy(g_s_test, s_test_y, data["t"], data["t_y"]),
         }
+        per_class = per_class_accuracy(clf, g_s_test, s_test_y)
         n = min(32, len(s_test))
         pairs = torch.stack([s_test[:n], g_s_test[:n].expand(-1, 3, -1, -1)], 1).flatten(0, 1)
-        common.save_grid(pairs, out / "source_and_G_source.png", nrow=8)
+        common.save_grid(pairs, out / "source_and_G_source.png", nrow=8)  # Fig. 2a
+        k = args.drop_class if args.drop_class >= 0 else 3
+        idx = torch.nonzero(s_test_y == k).flatten()[:32]
+        pairs = torch.stack([s_test[idx], g_s_test[idx].expand(-1, 3, -1, -1)], 1).flatten(0, 1)
+        common.save_grid(pairs, out / f"digit{k}_source_and_G_source.png", nrow=8)  # Fig. 3
         common.save_grid(t[:64], out / "target_t.png")
     paper = {"f_source_test_accuracy": 0.9505, "eval_classifier_accuracy_on_t": 0.994, "f_accuracy_on_t": 0.7608,
-             "dtn_accuracy": {"none": 0.9066, "no_tid": 0.8840, "no_const": 0.7455, "no_const_tid": 0.0528,
-                              "no_gan": 0.3470}[args.ablation], "original_source_accuracy": 0.4006}
+             "dtn_accuracy": PAPER_TABLE1[args.ablation], "original_source_accuracy": 0.4006,
+             "nn_transfer_train_split": 0.8444, "nn_transfer_test_split": 0.7972}
     wall = runner.elapsed()
     common.write_json(out / "metrics.json", {
-        "script": "dtn_digits", "preset": preset, "ablation": args.ablation, "seed": args.seed,
+        "script": "dtn_digits", "preset": preset, "ablation": args.ablation, "drop_class": args.drop_class,
+        "drop_from": dropped, "pretrained": args.pretrained, "seed": args.seed,
         "device": common.describe_device(device), "data_source": data["sources"], "wall_time_s": round(wall, 1),
-        **metrics, "paper": paper})
-    for k, v in metrics.items():
-        print(f"{k:32s} {100 * v:6.2f}%   (paper {100 * paper[k]:.2f}%)")
+        **metrics, "per_class_dtn_accuracy": per_class, "paper": paper})
+    for key, v in metrics.items():
+        print(f"{key:32s} {100 * v:6.2f}%   (paper {100 * paper[key]:.2f}%)")
+    if args.drop_class >= 0:
+        print(f"{'dtn_accuracy on digit ' + str(k):32s} {100 * per_class[k]:6.2f}%")
     print(f"wall time {wall / 60:.1f} min; output {out}")
     return 0
 
 
+# ======================================================================================================================
+# --table 1|2|3: every row of one of the paper's tables, in one folder
+# ======================================================================================================================
+# (folder, row label, the row's flags, the metric it reads, the paper's number); Table 1's last row and Table 2's
+# rows read the DTN run itself.
+TABLES = {
+    1: ("Table 1: accuracy of the MNIST classifier on G(source test)", [
+        ("baseline", "Baseline method (Sec. 3)", ["--ablation", "baseline"], "dtn_accuracy", 0.1371),
+        ("dtn", "DTN", [], "dtn_accuracy", 0.9066),
+        ("no_tid", "DTN w/o L_TID", ["--ablation", "no_tid"], "dtn_accuracy", 0.8840),
+        ("no_const", "DTN w/o L_CONST", ["--ablation", "no_const"], "dtn_accuracy", 0.7455),
+        ("g_without_f", "DTN G does not contain f", ["--ablation", "g_without_f"], "dtn_accuracy", 0.3690),
+        ("no_gan", "DTN w/o L_D and L_GANG", ["--ablation", "no_gan"], "dtn_accuracy", 0.3470),
+        ("no_const_tid", "DTN w/o L_CONST & L_TID", ["--ablation", "no_const_tid"], "dtn_accuracy", 0.0528),
+        ("dtn", "Original source image", None, "original_source_accuracy", 0.4006)]),
+    2: ("Table 2: domain adaptation, 1-nearest-neighbour on G(s) with the source labels, evaluated on t", [
+        ("", "SA, Fernando et al. (2013)", None, None, 0.5932),
+        ("", "DANN, Ganin et al. (2016)", None, None, 0.7385),
+        ("dtn", "DTN on the source, transferring the train split", [], "nn_transfer_train_split", 0.8444),
+        ("dtn", "DTN on the source, transferring the test split", None, "nn_transfer_test_split", 0.7972)]),
+    3: ("Table 3: accuracy of the MNIST classifier on G(source test) for the digit '3'", [
+        ("dtn", "DTN", [], "digit3", 0.9467),
+        ("no3_s", "'3' was not shown in s", ["--drop-class", "3", "--drop-from", "s"], "digit3", 0.9333),
+        ("no3_t", "'3' was not shown in t", ["--drop-class", "3", "--drop-from", "t"], "digit3", 0.4013),
+        ("no3_st", "'3' was not shown in both s or t", ["--drop-class", "3", "--drop-from", "s,t"], "digit3",
+         0.6002),
+        ("no3_stf", "'3' was not shown in s, t, and during the training of f",
+         ["--drop-class", "3", "--drop-from", "s,t,f"], "digit3", 0.0452)]),
+}
+
+
+def _flags(args: Args, names) -> list[str]:
+    """The command-line flags that give ``args``'s values for the fields ``names``."""
+    flags = []
+    for name in sorted(names):
+        v = getattr(args, name)
+        text = ",".join(map(str, v)) if isinstance(v, tuple) else str(v).lower() if isinstance(v, bool) else str(v)
+        flags += ["--" + name.replace("_", "-"), text]
+    return flags
+
+
+def run_table(argv) -> int:
+    """Runs each row of the chosen table as its own run, in a sub-folder of one output folder, then writes
+    table.md and table.json. The first run (DTN) trains f and the evaluation classifier; the other rows reuse them
+    (--pretrained), except the row that removes a digit from f's training. Rerun with --resume FOLDER to continue:
+    finished rows are kept, interrupted ones resume from their checkpoints."""
+    t_start = time.time()
+    args, preset, why, given = common.parse_args(Args, PRESETS, common.auto_preset, argv,
+                                                 description=__doc__.split("\n")[0])
+    validate(args)
+    common.require(args.ablation == "none" and args.drop_class < 0 and not args.pretrained,
+                   "--table runs its own rows: leave out --ablation, --drop-class and --pretrained")
+    title, rows = TABLES[args.table]
+    if args.resume:  # the table's saved flags, for the rows still to run
+        out = Path(args.resume)
+        common.require((out / "table_config.json").is_file(), f"--resume: {out} is not a --table folder")
+        saved = json.loads((out / "table_config.json").read_text())
+        fields = {f.name for f in dataclasses.fields(Args)}
+        args = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
+        preset, given = args.preset, set(saved["given"])
+        title, rows = TABLES[args.table]
+    else:
+        out = Path(args.out) if args.out else common.default_out_dir(f"dtn_digits_table{args.table}", args.seed)
+        common.require(not (out / "table_config.json").exists(), f"{out} already holds a table: pass --resume {out}")
+        out.mkdir(parents=True, exist_ok=True)
+        common.write_json(out / "table_config.json", {**dataclasses.asdict(args), "preset_reason": why,
+                                                      "given": sorted(given - {"out", "resume"})})
+    base = _flags(args, (given | {"preset"}) - {"table", "out", "resume"})
+    results = {}
+    for folder, label, flags, _, _ in sorted(rows, key=lambda row: row[0] != "dtn"):  # DTN first: it trains f
+        if flags is None or folder in results:
+            continue
+        row_out = out / folder
+        if not (row_out / "metrics.json").exists():
+            pre = ["--pretrained", str(out / "dtn")] if folder != "dtn" else []
+            row_argv = (["--resume", str(row_out)] if (row_out / "config.json").exists()
+                        else base + flags + pre + ["--out", str(row_out)])
+            print(f"\n=== {title.split(':')[0]}, row '{label}': python dtn_digits.py {' '.join(row_argv)}")
+            rc = main(row_argv)
+            if rc != 0:
+                return rc
+        results[folder] = json.loads((row_out / "metrics.json").read_text())
+    first = results["dtn"]
+    walls = ", ".join(f"{k} {v['wall_time_s'] / 60:.1f} min" for k, v in results.items())
+    lines = [f"## {title}", "",
+             f"Data: s = {first['data_source']['s']}; t = {first['data_source']['t']}. Preset {preset}, seed "
+             f"{args.seed}, {first['device']}, wall time {(time.time() - t_start) / 60:.1f} min for the rows run now "
+             f"(rows: {walls}).", "",
+             "| Method | measured | paper |", "|---|---:|---:|"]
+    table = []
+    for folder, label, _, metric, paper_value in rows:
+        if metric is None:
+            value = None
+        elif metric == "digit3":
+            value = results[folder]["per_class_dtn_accuracy"][3]
+        else:
+            value = results[folder][metric]
+        table.append({"row": label, "run": folder, "measured": value, "paper": paper_value})
+        shown = "not run (the paper's number)" if value is None else f"{100 * value:.2f}%"
+        lines.append(f"| {label} | {shown} | {100 * paper_value:.2f}% |")
+    text = "\n".join(lines) + "\n"
+    common.atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(text))
+    common.write_json(out / "table.json", {"table": args.table, "title": title, "preset": preset, "seed": args.seed,
+                                           "rows": table})
+    print("\n" + text + f"written: {out / 'table.md'}")
+    return 0
+
+
+def cli(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--table" or a.startswith("--table=") for a in argv):
+        return run_table(argv)
+    return main(argv)
+
+
 if __name__ == "__main__":
-    common.run_main(main, "dtn_digits.py")
+    common.run_main(cli, "dtn_digits.py")

@@ -1,4 +1,4 @@
-"""dtn_digits.py (issue 3, in progress): the data layer, f, the DTN losses per ablation, and a dry run."""
+"""dtn_digits.py (issue 3): the data layer, f, the DTN losses per ablation, the table helpers, and dry runs."""
 import numpy as np
 import pytest
 import torch
@@ -91,7 +91,8 @@ TERMS = {"loss_d", "loss_gang", "loss_const", "loss_tid"}
 
 @pytest.mark.parametrize("ablation, absent", [
     ("none", set()), ("no_tid", {"loss_tid"}), ("no_const", {"loss_const"}),
-    ("no_const_tid", {"loss_const", "loss_tid"}), ("no_gan", {"loss_d", "loss_gang"})])
+    ("no_const_tid", {"loss_const", "loss_tid"}), ("no_gan", {"loss_d", "loss_gang"}),
+    ("g_without_f", set()), ("baseline", {"loss_tid"})])
 def test_each_ablation_removes_exactly_its_terms(run, tmp_path, ablation, absent):
     import csv
     out = tmp_path / ablation
@@ -119,3 +120,49 @@ def test_classifier_learns_the_synthetic_digits():
     model = dd.train_classifier(dd.DigitClassifier(widths=(16, 32, 32, 32)), x, y, steps=150, batch_size=64,
                                 lr=2e-3)
     assert dd.accuracy(model, x, y) > 0.5  # chance is 0.1
+
+
+def test_nearest_neighbour_accuracy_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    ref, ref_y = torch.randn(50, 1, 4, 4, generator=g), torch.randint(0, 10, (50,), generator=g)
+    x, y = torch.randn(30, 1, 4, 4, generator=g), torch.randint(0, 10, (30,), generator=g)
+    brute = ref_y[torch.cdist(x.flatten(1), ref.flatten(1)).argmin(1)]
+    assert dd.nearest_neighbour_accuracy(ref, ref_y, x, y, chunk=7) == pytest.approx(float((brute == y).float().mean()))
+    assert dd.nearest_neighbour_accuracy(ref, ref_y, ref, ref_y) == 1.0  # every sample is its own neighbour
+
+
+def test_drop_class_removes_only_that_digit():
+    x, y = torch.arange(20).float(), torch.arange(20) % 10
+    x2, y2 = dd.drop_class(x, y, 3)
+    assert 3 not in y2.tolist() and len(y2) == 18 and torch.equal(x2 % 10, y2.float())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--drop-class", "3"], "go together"), (["--drop-class", "3", "--drop-from", "s,x"], "--drop-from"),
+    (["--table", "4"], "--table"), (["--pretrained", "/nonexistent/run"], "does not exist"),
+    (["--table", "1", "--ablation", "no_tid"], "--table runs its own rows")])
+def test_bad_flags_fail_in_one_line(run, tmp_path, flags, message):
+    res = run("dtn_digits.py", "--dry-run", "--out", str(tmp_path / "x"), *flags)
+    assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_table_1_dry_run_writes_every_row_and_resumes_without_training(run, tmp_path):
+    import json
+    out = tmp_path / "t1"
+    common = ["--dry-run", "--download", "false", "--data-root", str(tmp_path / "none"), "--f-steps", "2",
+              "--clf-steps", "2", "--dtn-steps", "2"]
+    res = run("dtn_digits.py", "--table", "1", *common, "--out", str(out), timeout=600)
+    assert res.returncode == 0, res.stderr
+    table = json.loads((out / "table.json").read_text())
+    labels = [r["row"] for r in table["rows"]]
+    assert labels[:2] == ["Baseline method (Sec. 3)", "DTN"] and labels[-1] == "Original source image"
+    assert len(labels) == 8 and all(0 <= r["measured"] <= 1 for r in table["rows"])
+    assert "| DTN | " in (out / "table.md").read_text()
+    # every row but the first reused the DTN run's f and evaluation classifier
+    for row in ("baseline", "no_tid", "no_const", "g_without_f", "no_gan", "no_const_tid"):
+        assert json.loads((out / row / "metrics.json").read_text())["pretrained"] == str(out / "dtn")
+    before = (out / "dtn" / "ckpt.pt").stat().st_mtime_ns
+    res = run("dtn_digits.py", "--table", "1", "--resume", str(out))
+    assert res.returncode == 0, res.stderr
+    assert (out / "dtn" / "ckpt.pt").stat().st_mtime_ns == before and "=== " not in res.stdout
