@@ -2,15 +2,32 @@
 
 Taigman, Polyak, Wolf. "Unsupervised Cross-Domain Image Generation", ICLR 2017 (../shared/papers/dtn_iclr2017.txt).
 
-STATUS: work in progress (issue 3). In place: the data (real, or the embedded default below), f and its
-pretraining, the evaluation classifier, the DTN loop (Eq. 3-7) with the ablations none, no_tid, no_const,
-no_const_tid and no_gan, checkpoints and resume, and the Table 1 accuracy of one run. Not yet: the training schedule
-tuned on a validation split, the baseline and "G without f" rows, Tables 2 and 3, --table mode, measured numbers.
+Reproduces Table 1 (the MNIST classifier on G(SVHN test), with the baseline of Sec. 3 and every ablation), Table 2
+(1-nearest-neighbour domain adaptation on G(s)) and Table 3 (the unseen digit '3'). One run trains f, the evaluation
+classifier and one DTN variant; --table N runs every row of a table into one folder and writes table.md.
 
     python dtn_digits.py --preset quick                         # real data if it can be downloaded, else embedded
     python dtn_digits.py --preset quick --data-root ../shared/data   # real MNIST from a folder, synthetic source
+    python dtn_digits.py --ablation no_tid                      # one row of Table 1
+    python dtn_digits.py --drop-class 3 --drop-from s,t         # one row of Table 3
+    python dtn_digits.py --table 1                              # every row of Table 1 (also 2, 3)
 
-Data (issue 3):
+Algorithm (DTN §3-4, Eq. 3-7), per DTN step: D (ternary) is updated on g(f(s)) -> class 1, g(f(t)) -> 2, t -> 3
+every --d-every steps; g is updated on L_GANG + alpha L_CONST + beta L_TID + gamma L_TV. f is pretrained as a source
+classifier and fixed; the evaluation classifier (same architecture, trained on MNIST) never touches a loss.
+
+Deviations from the paper (also in the README):
+  - the schedule: the paper gives none. Adam lr 2e-4, beta1 0.5 (DCGAN's); D updated once every 5 g steps (with 1,
+    D wins and G(s) stays noise); f 20,000 and the evaluation classifier 10,000 steps at lr 1e-3; 20,000 DTN steps
+    at the paper preset (not measured: no GPU run yet).
+  - quick preset (2-core CPU): every network narrower, 20,000 synthetic source digits, f 1,500 / classifier 800 /
+    DTN 750 steps, and alpha = 0.1 instead of 15. alpha and the step count were chosen on validation seed 100:
+    at alpha 15 L_CONST on f's unnormalised 128-D code swamps the other terms and G(s) stays noise (about 30%).
+  - baseline of Sec. 3 and "G does not contain f": G = g o h with h a learned encoder of f's architecture (the
+    paper: "a few additional layers at the bottom of G").
+  - the embedded data (below) when SVHN and MNIST cannot be downloaded.
+
+Data:
   real      torchvision SVHN (extra + train for s and for f; test for evaluation) and MNIST (test as t, train for
             the evaluation classifier), downloaded into --data-root.
   embedded  when the real data cannot be had (no network), automatically, with one line saying so:
@@ -407,10 +424,18 @@ def validate(args: Args):
     common.require((args.drop_class >= 0) == bool(drop_sets(args)), "--drop-class and --drop-from go together")
     common.require(args.table in (0, 1, 2, 3), "--table must be 1, 2 or 3 (or 0 for a single run)")
     if args.pretrained:
-        path = Path(args.pretrained)
-        path = path / "ckpt.pt" if path.is_dir() else path
+        path = pretrained_path(args)
         common.require(path.is_file(), f"--pretrained: {path} does not exist")
+        pre = common.load_checkpoint(path)
+        common.require(pre.get("script") == "dtn_digits" and pre.get("phase") == "done",
+                       f"--pretrained: {args.pretrained} is not a finished dtn_digits run")
+        common.require(tuple(pre["args"]["f_widths"]) == tuple(args.f_widths),
+                       "--pretrained: that run's --f-widths differ from this one's")
 
+
+def pretrained_path(args: Args) -> Path:
+    path = Path(args.pretrained)
+    return path / "ckpt.pt" if path.is_dir() else path
 
 def drop_sets(args: Args) -> list[str]:
     return [x.strip() for x in args.drop_from.split(",") if x.strip()]
@@ -505,20 +530,17 @@ def main(argv=None):
         return g(enc(x))
 
     steps = {"f": args.f_steps, "clf": args.clf_steps, "dtn": args.dtn_steps}
-    if args.pretrained and ckpt is None:
-        path = Path(args.pretrained)
-        pre = common.load_checkpoint(path / "ckpt.pt" if path.is_dir() else path)
-        common.require(pre.get("script") == "dtn_digits" and pre.get("phase") == "done",
-                       f"--pretrained: {args.pretrained} is not a finished dtn_digits run")
-        common.require(tuple(pre["args"]["f_widths"]) == tuple(args.f_widths),
-                       "--pretrained: that run's --f-widths differ from this one's")
-        nets["eval_clf"].load_state_dict(pre["nets"]["eval_clf"])
+    if args.pretrained:  # reuse f and the evaluation classifier (a resumed run has them in its checkpoint)
         steps["clf"] = 0
         if "f" not in dropped:
-            nets["f_clf"].load_state_dict(pre["nets"]["f_clf"])
             steps["f"] = 0
-        print(f"pretrained: {'the evaluation classifier' if 'f' in dropped else 'f and the evaluation classifier'} "
-              f"from {args.pretrained}" + (" (f is trained again: --drop-from has f)" if "f" in dropped else ""))
+        if ckpt is None:
+            pre = common.load_checkpoint(pretrained_path(args))
+            nets["eval_clf"].load_state_dict(pre["nets"]["eval_clf"])
+            if "f" not in dropped:
+                nets["f_clf"].load_state_dict(pre["nets"]["f_clf"])
+            print(f"pretrained: {'the evaluation classifier' if 'f' in dropped else 'f and the evaluation classifier'}"
+                  f" from {args.pretrained}" + (" (f is trained again: --drop-from has f)" if "f" in dropped else ""))
     runner = common.PhaseRunner("dtn_digits", args, out, nets, opts, steps, LOG_FIELDS, ckpt, t_start)
     use_gan = args.ablation != "no_gan"
     alpha = 0.0 if args.ablation in ("no_const", "no_const_tid") else args.alpha
