@@ -166,3 +166,11 @@ def test_table_1_dry_run_writes_every_row_and_resumes_without_training(run, tmp_
     res = run("dtn_digits.py", "--table", "1", "--resume", str(out))
     assert res.returncode == 0, res.stderr
     assert (out / "dtn" / "ckpt.pt").stat().st_mtime_ns == before and "=== " not in res.stdout
+
+
+def test_table_0_is_a_single_run(run, tmp_path):
+    out = tmp_path / "one"
+    res = run("dtn_digits.py", "--table", "0", "--dry-run", "--download", "false", "--data-root",
+              str(tmp_path / "none"), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert (out / "metrics.json").is_file() and not (out / "table_config.json").exists()
