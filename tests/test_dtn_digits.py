@@ -84,6 +84,21 @@ def test_dry_run_writes_its_files_and_records_the_embedded_data(run, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["data_source"]["s"].startswith("embedded") and m["data_source"]["t"].startswith("embedded")
     assert 0 <= m["dtn_accuracy"] <= 1 and m["paper"]["dtn_accuracy"] == 0.9066
+    assert m["f_augmented"] is True and (out / "f_training_digits.png").is_file()  # --f-augment auto: on for s
+
+
+def test_distort_digits_keeps_shape_and_range_and_follows_the_seed():
+    x, _ = dd.synthetic_house_numbers(16, seed=2)
+    torch.manual_seed(5)
+    a = dd.distort_digits(x)
+    torch.manual_seed(5)
+    b = dd.distort_digits(x)
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1
+    assert (a - x).abs().flatten(1).mean(1).min() > 0.01  # every image is changed
+    # about half of the batch is grey (three equal channels): the original colours never are
+    grey = (a[:, 0] == a[:, 1]).flatten(1).all(1) & (a[:, 1] == a[:, 2]).flatten(1).all(1)
+    assert 0 < int(grey.sum()) < 16
 
 
 TERMS = {"loss_d", "loss_gang", "loss_const", "loss_tid"}
@@ -139,7 +154,7 @@ def test_drop_class_removes_only_that_digit():
 
 @pytest.mark.parametrize("flags, message", [
     (["--drop-class", "3"], "go together"), (["--drop-class", "3", "--drop-from", "s,x"], "--drop-from"),
-    (["--table", "4"], "--table"), (["--pretrained", "/nonexistent/run"], "does not exist"),
+    (["--table", "4"], "--table"), (["--f-augment", "yes"], "--f-augment"), (["--pretrained", "/nonexistent/run"], "does not exist"),
     (["--table", "1", "--ablation", "no_tid"], "--table runs its own rows")])
 def test_bad_flags_fail_in_one_line(run, tmp_path, flags, message):
     res = run("dtn_digits.py", "--dry-run", "--out", str(tmp_path / "x"), *flags)
