@@ -474,6 +474,7 @@ def pretrained_path(args: Args) -> Path:
     path = Path(args.pretrained)
     return path / "ckpt.pt" if path.is_dir() else path
 
+
 def drop_sets(args: Args) -> list[str]:
     return [x.strip() for x in args.drop_from.split(",") if x.strip()]
 

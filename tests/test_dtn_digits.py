@@ -154,7 +154,8 @@ def test_drop_class_removes_only_that_digit():
 
 @pytest.mark.parametrize("flags, message", [
     (["--drop-class", "3"], "go together"), (["--drop-class", "3", "--drop-from", "s,x"], "--drop-from"),
-    (["--table", "4"], "--table"), (["--f-augment", "yes"], "--f-augment"), (["--pretrained", "/nonexistent/run"], "does not exist"),
+    (["--table", "4"], "--table"), (["--f-augment", "yes"], "--f-augment"),
+    (["--pretrained", "/nonexistent/run"], "does not exist"),
     (["--table", "1", "--ablation", "no_tid"], "--table runs its own rows")])
 def test_bad_flags_fail_in_one_line(run, tmp_path, flags, message):
     res = run("dtn_digits.py", "--dry-run", "--out", str(tmp_path / "x"), *flags)
