@@ -324,6 +324,28 @@ def freeze(net: nn.Module) -> nn.Module:
     return net
 
 
+
+@torch.no_grad()
+def recalibrate_batchnorm(net: nn.Module, forward, batches) -> nn.Module:
+    """Recompute the running statistics of every batch-norm layer in ``net`` as the plain average over ``batches``,
+    each fed through ``forward`` (a function that calls ``net``) in training mode; then ``net`` is left in eval mode.
+
+    A generator trained on two domains in separate forward passes (g on f(s) and on f(t), DTN Eq. 4-6) normalises
+    each batch by that batch's own statistics, but its running statistics average the two domains. In eval mode
+    G(s) would then be normalised partly with t's statistics, which is not what was trained. Recalibrating on
+    source batches alone gives the statistics that the source batches had during training."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # None: a cumulative average over all the batches, not an exponential one
+    net.train()
+    for batch in batches:
+        forward(batch)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    return net.eval()
+
 # ======================================================================================================================
 # 4. Losses
 # ======================================================================================================================

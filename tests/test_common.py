@@ -107,3 +107,22 @@ def test_pick_device():
     assert common.pick_device("auto").type in ("cpu", "cuda", "mps")
     with pytest.raises(SystemExit):
         common.pick_device("tpu")
+
+
+def test_recalibrated_batchnorm_holds_the_statistics_of_the_given_batches_alone():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    bn = net[1]
+    net.train()
+    with torch.no_grad():  # training on two domains mixes their running statistics
+        for _ in range(50):
+            net(torch.randn(32, 3) + 5)
+            net(torch.randn(32, 3) - 5)
+    source = [torch.randn(64, 3) + 5 for _ in range(4)]
+    with torch.no_grad():
+        want = torch.stack([net[0](x).mean(0) for x in source]).mean(0)
+        want_var = torch.stack([net[0](x).var(0) for x in source]).mean(0)  # the unbiased variance, as BN keeps it
+    assert not torch.allclose(bn.running_mean, want, atol=0.5)
+    assert common.recalibrate_batchnorm(net, net, source) is net
+    assert not net.training and bn.momentum == 0.1  # eval mode, the momentum given back
+    assert torch.allclose(bn.running_mean, want, atol=1e-5) and torch.allclose(bn.running_var, want_var, atol=1e-4)

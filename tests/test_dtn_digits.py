@@ -85,6 +85,7 @@ def test_dry_run_writes_its_files_and_records_the_embedded_data(run, tmp_path):
     assert m["data_source"]["s"].startswith("embedded") and m["data_source"]["t"].startswith("embedded")
     assert 0 <= m["dtn_accuracy"] <= 1 and m["paper"]["dtn_accuracy"] == 0.9066
     assert m["f_augmented"] is True and (out / "f_training_digits.png").is_file()  # --f-augment auto: on for s
+    assert m["bn_recalibrated"] is True and 0 <= m["dtn_accuracy_running_bn"] <= 1
 
 
 def test_distort_digits_keeps_shape_and_range_and_follows_the_seed():
