@@ -191,3 +191,19 @@ def test_table_0_is_a_single_run(run, tmp_path):
               str(tmp_path / "none"), "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert (out / "metrics.json").is_file() and not (out / "table_config.json").exists()
+
+
+def test_resume_refuses_other_data_than_the_run_began_on(run, tmp_path):
+    import json
+    out, none = tmp_path / "run", str(tmp_path / "none")
+    res = run("dtn_digits.py", "--dry-run", "--download", "false", "--data-root", none, "--out", str(out),
+              "--interrupt-at", "4")
+    assert res.returncode == 130 and (out / "ckpt.pt").is_file(), res.stderr
+    began = json.loads((out / "data_source.json").read_text())
+    assert began["s"].startswith("embedded") and began["t"].startswith("embedded")
+    (out / "data_source.json").write_text(json.dumps({**began, "t": "MNIST test as t (torchvision)"}))
+    res = run("dtn_digits.py", "--resume", str(out))
+    assert res.returncode == 2 and "began on other data" in res.stderr and not (out / "metrics.json").exists()
+    (out / "data_source.json").write_text(json.dumps(began))
+    res = run("dtn_digits.py", "--resume", str(out))
+    assert res.returncode == 0 and (out / "metrics.json").is_file(), res.stderr
