@@ -324,7 +324,6 @@ def freeze(net: nn.Module) -> nn.Module:
     return net
 
 
-
 @torch.no_grad()
 def recalibrate_batchnorm(net: nn.Module, forward, batches) -> nn.Module:
     """Recompute the running statistics of every batch-norm layer in ``net`` as the plain average over ``batches``,
@@ -345,6 +344,7 @@ def recalibrate_batchnorm(net: nn.Module, forward, batches) -> nn.Module:
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     return net.eval()
+
 
 # ======================================================================================================================
 # 4. Losses
