@@ -913,6 +913,7 @@ def attribute_vector(identity: FaceIdentity) -> np.ndarray:
 
 # · Nuisance
 
+
 @dataclass(frozen=True)
 class FaceNuisance:
     """Everything that varies between photos of one identity.
@@ -1245,6 +1246,7 @@ def _bump(c: _Canvas, sl, nx, ny, cx, cy, sx, sy, amp, mirror=False) -> np.ndarr
 
 
 # · Layers
+
 
 def _background(c: _Canvas) -> None:
     """Gradient or cluttered (soft out-of-focus blobs and rectangles) background, in image coords."""
@@ -1926,6 +1928,7 @@ def _camera(c: _Canvas) -> np.ndarray:
 
 
 # · Public rendering
+
 
 def render_photo(identity: FaceIdentity, nuisance: FaceNuisance, size: int = 64) -> np.ndarray:
     """Render one face photo as a uint8 (size, size, 3) RGB array (deterministic).
