@@ -967,6 +967,16 @@ class DANN(nn.Module):
         return self.domain(GradientReversal.apply(self.p(x), lam)).flatten()
 
 
+def generator_loss(method: str, args: Args, losses: dict) -> torch.Tensor:
+    """What g (and TOS's c) minimize. TOS (§3.2): L_c + alpha L_GAN + beta L_CONST + gamma L_TID + delta L_TV.
+    DTN (ICLR §3, in its own notation): L_GANG + alpha L_CONST + beta L_TID + gamma L_TV, with the DTN weights."""
+    if method == "dtn":
+        return (losses["loss_gan"] + args.dtn_const * losses["loss_const"] + args.dtn_tid * losses["loss_tid"]
+                + args.dtn_tv * losses["loss_tv"])
+    return (losses["loss_c"] + args.alpha * losses["loss_gan"] + args.beta * losses["loss_const"]
+            + args.gamma * losses["loss_tid"] + args.delta * losses["loss_tv"])
+
+
 # ======================================================================================================================
 # Data: s, t, the evaluation photos and their ground truth, and f
 # ======================================================================================================================
@@ -1187,18 +1197,14 @@ def main(argv=None):
         loss_tv = tv_loss(g_x)                     # L_TV (§3.2)
         losses = {"loss_d": loss_d, "loss_const": loss_const, "loss_tid": loss_tid, "loss_tv": loss_tv}
         if m == "dtn":
-            loss_gan = common.dtn_gang_loss(d(for_d(g_x)), d(for_d(g_t)))   # L_GANG (DTN Eq. 4)
-            loss_g = loss_gan + args.dtn_const * loss_const + args.dtn_tid * loss_tid + args.dtn_tv * loss_tv
+            losses["loss_gan"] = common.dtn_gang_loss(d(for_d(g_x)), d(for_d(g_t)))   # L_GANG (DTN Eq. 4)
         else:
             c = nets["tos_c"] if m == "tos" else nets["cbar"]
-            loss_gan = gan_g_loss(d(for_d(g_x)))   # L_GAN, non-saturating (Eq. 7)
-            loss_c = compliance_loss(g_x, e(c(g_x)))  # L_c = ||G(x) - e(c(G(x)))||^2 (Eq. 5), e fixed
-            loss_g = (loss_c + args.alpha * loss_gan + args.beta * loss_const + args.gamma * loss_tid
-                      + args.delta * loss_tv)
-            losses["loss_c"] = loss_c
+            losses["loss_gan"] = gan_g_loss(d(for_d(g_x)))      # L_GAN, non-saturating (Eq. 7)
+            losses["loss_c"] = compliance_loss(g_x, e(c(g_x)))  # L_c = ||G(x) - e(c(G(x)))||^2 (Eq. 5), e fixed
             if m == "tos":
                 opts["tos_c"].zero_grad(set_to_none=True)
-        losses["loss_gan"] = loss_gan
+        loss_g = generator_loss(m, args, losses)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
