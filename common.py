@@ -1993,6 +1993,7 @@ FACE_SPLITS = {
     "eval": 3,         # evaluation probes: at least two photos each (x and x')
     "distractors": 4,  # the retrieval gallery's distractors s'
     "descriptor": 5,   # trains eval_retrieval's independent descriptor (never f)
+    "val": 6,          # validation identities: choosing hyperparameters and schedules, never reported as results
 }
 SPLIT_STRIDE = 10_000_000  # identities per split: index = FACE_SPLITS[split] * SPLIT_STRIDE + i
 
