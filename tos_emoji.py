@@ -854,6 +854,10 @@ class Args(common.RunArgs):
     """steps of each GAN (TOS, DTN, TOS fixed c-bar)"""
     dann_steps: int = 10000
     """steps of DANN"""
+    c_init: str = "random"
+    """how TOS's c starts: random (DCGAN init, Alg. 1 step 2: "initialize"), or cbar, a copy of c-bar"""
+    d_every: int = 1
+    """d is updated once every d_every g updates (Alg. 1 updates it every step)"""
     methods: str = "tos,dtn,tos_fixed_cbar,dann"
     """which methods to train, comma-separated (c-bar is trained whenever DTN or fixed c-bar needs it)"""
     bn_recalibrate: bool = True
@@ -882,7 +886,8 @@ LOG_FIELDS = ["loss_e", "loss_cbar", "loss_d", "loss_gan", "loss_c", "loss_const
 
 def validate(args: Args):
     """Every check that can fail on the arguments alone, before any file is written."""
-    for name in ("n_s", "n_t", "n_e_train", "n_eval", "batch_size", "log_every", "ckpt_every", "f_steps"):
+    require(args.c_init in ("random", "cbar"), "--c-init must be random or cbar")
+    for name in ("n_s", "n_t", "n_e_train", "n_eval", "batch_size", "log_every", "ckpt_every", "f_steps", "d_every"):
         require(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
     for name in ("e_steps", "cbar_steps", "gan_steps", "dann_steps"):
         require(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more")
@@ -1071,7 +1076,7 @@ def main(argv=None):
         require(bool(args.ckpt), "--apply needs --ckpt RUN_DIR (a trained tos_emoji run)")
         return apply_to_photos(args, device, out)
     methods = [m for m in METHODS if m in args.methods.split(",")]
-    need_cbar = any(m in methods for m in ("dtn", "tos_fixed_cbar"))
+    need_cbar = any(m in methods for m in ("dtn", "tos_fixed_cbar")) or ("tos" in methods and args.c_init == "cbar")
 
     # ------------------------------------------------------------------------------------------------------------------
     # Data. s: unlabelled photos; t: emoji of random configurations; e's pairs; the evaluation photos x and x'.
@@ -1183,14 +1188,19 @@ def main(argv=None):
         t_b, ft = batch(t, f_t)            # emoji x' in t, and f(x')
         t_b = as_float(t_b)
         g_x, g_t = g(fx), g(ft)            # G(x) = g(f(x)) and G(x') = g(f(x'))
-        # (1) Update d. TOS: maximize log d(t) + log(1 - d(G(x))) (Eq. 7). DTN: the ternary L_D (DTN Eq. 3)
-        if m == "dtn":
-            loss_d = common.dtn_d_loss(d(for_d(g_x.detach())), d(for_d(g_t.detach())), d(for_d(t_b)))
-        else:
-            loss_d = gan_d_loss(d(for_d(t_b)), d(for_d(g_x.detach())))
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
+        # (1) Update d (every d_every steps). TOS: maximize log d(t) + log(1 - d(G(x))) (Eq. 7). DTN: the ternary
+        #     L_D (DTN Eq. 3)
+        runner_state["gan_step"] += 1
+        if (runner_state["gan_step"] - 1) % args.d_every == 0:  # steps 1, 1 + d_every, ... of the phase
+            if m == "dtn":
+                loss_d = common.dtn_d_loss(d(for_d(g_x.detach())), d(for_d(g_t.detach())), d(for_d(t_b)))
+            else:
+                loss_d = gan_d_loss(d(for_d(t_b)), d(for_d(g_x.detach())))
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+            runner_state["loss_d"] = loss_d.detach()
+        loss_d = runner_state["loss_d"]  # logged: d's loss at its last update
         # (2) Update g (and c): the generator's loss
         loss_const = const_loss(fx, f(g_x))        # L_CONST = ||f(x) - f(G(x))||^2 (Eq. 6); f fixed, not detached
         loss_tid = tid_loss(t_b, g_t)              # L_TID = ||x' - G(x')||^2 for x' in t (Eq. 8)
@@ -1230,7 +1240,7 @@ def main(argv=None):
         opts["dann"].step()
         return {"loss_label": loss_label, "loss_domain": loss_domain}
 
-    runner_state = {"dann_step": 0}
+    runner_state = {"dann_step": 0, "gan_step": 0, "loss_d": torch.zeros((), device=device)}
 
     def phase_setup(phase: str, start_step: int):
         """Train mode for what this phase trains; e (after its phase), f and c-bar (after its phase) are fixed."""
@@ -1246,6 +1256,9 @@ def main(argv=None):
             freeze(nets["cbar"])   # "TOS fixed c-bar": c frozen to c-bar
         if phase == "dann":
             runner_state["dann_step"] = start_step
+        runner_state["gan_step"] = start_step
+        if phase == "tos" and start_step == 0 and args.c_init == "cbar":
+            nets["tos_c"].load_state_dict(nets["cbar"].state_dict())
         return {"e": step_e, "cbar": step_cbar, "dann": step_dann}.get(phase, lambda: gan_step(phase))
 
     def after_phase(phase: str):
@@ -1417,11 +1430,12 @@ def apply_to_photos(args: Args, device: torch.device, out: Path) -> int:
         f = common.load_dlib_face_net(device=device)
     with torch.no_grad():
         code = f(x)
-        g, c = NineLayerG(code.shape[1], run.g_widths).to(device), DownscalingEncoder(
-            3, run.c_widths, CONFIG_DIM, final="tanh").to(device)
+        g = NineLayerG(code.shape[1], run.g_widths).to(device)
+        c = DownscalingEncoder(3, run.c_widths, CONFIG_DIM, final="tanh").to(device)
         g.load_state_dict(state["nets"]["tos_g"])
         c.load_state_dict(state["nets"]["tos_c"])
-        g.eval(), c.eval()
+        g.eval()
+        c.eval()
         g_x = g(code)
         config = decode_config(c(g_x))
         avatar = render_emoji_batch(config.cpu(), size=256)
