@@ -709,28 +709,13 @@ def _freeze(ops: list) -> tuple:
 @lru_cache(maxsize=None)
 def _layer(name: str, key: tuple, canvas: int) -> tuple:
     """Pixel draw operations of one part (cached per part, categories and canvas size)."""
-    if name == "shirt":
-        ops = _part_shirt()
-    elif name == "neck":
-        ops = _part_neck(*key)
-    elif name == "face":
-        ops = _part_face(*key)
-    elif name in ("hair_back", "hair_front"):
+    if name in ("hair_back", "hair_front"):
         ops = _part_hair(*key)[name == "hair_front"]
-    elif name == "eyes":
-        ops = _part_eyes(*key)
-    elif name == "brows":
-        ops = _part_brows(*key)
-    elif name == "nose":
-        ops = _part_nose(*key)
-    elif name == "mouth":
-        ops = _part_mouth(*key)
     elif name in ("fh_under", "fh_over"):
         ops = _part_facial_hair(*key)[name == "fh_over"]
-    elif name == "glasses":
-        ops = _part_glasses(*key)
-    else:  # pragma: no cover
-        raise KeyError(name)
+    else:
+        ops = {"shirt": _part_shirt, "neck": _part_neck, "face": _part_face, "eyes": _part_eyes, "brows": _part_brows,
+               "nose": _part_nose, "mouth": _part_mouth, "glasses": _part_glasses}[name](*key)
     return _to_pixels(_freeze(ops), canvas)
 
 
@@ -820,6 +805,8 @@ class Args(common.RunArgs):
     """g: nine layers, the odd ones "upscaling 4x4 convolutions with 512-256-128-64-3 filters", the even ones 1x1"""
     d_widths: tuple = (64, 128, 256, 512, 512)
     """d: "six 4x4 convolutional layers with 64-128-256-512-512-(1 or 3) filters", stride 2"""
+    dann_widths: tuple = (64, 128, 256, 512)
+    """DANN's p: "4 convolution layers ... with 64-128-256-512 filters" (journal §6.4.2)"""
     d_size: int = 152
     """d's input size: "152x152 RGB images (either natural or scaled-up emoji)" (§4.2)"""
 
@@ -874,7 +861,7 @@ PRESETS = {
     "paper": {},
     "quick": dict(n_s=10000, n_t=10000, n_e_train=10000, n_eval=300, f_steps=600,
                   e_widths=(128, 64, 32, 16), c_widths=(16, 32, 64, 128), g_widths=(128, 64, 32, 16),
-                  d_widths=(16, 32, 64, 128), d_size=64, batch_size=32, e_steps=2000, cbar_steps=1000,
+                  d_widths=(16, 32, 64, 128), dann_widths=(16, 32, 64, 128), d_size=64, batch_size=32, e_steps=2000, cbar_steps=1000,
                   gan_steps=1500, dann_steps=1000, log_every=50, ckpt_every=500),
 }
 DRY_RUN = dict(n_s=128, n_t=128, n_e_train=128, n_eval=16, f_steps=2, e_steps=2, cbar_steps=2, gan_steps=2,
@@ -891,7 +878,7 @@ def validate(args: Args):
         require(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
     for name in ("e_steps", "cbar_steps", "gan_steps", "dann_steps"):
         require(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more")
-    for name, n in (("e_widths", 4), ("c_widths", 4), ("g_widths", 4)):
+    for name, n in (("e_widths", 4), ("c_widths", 4), ("g_widths", 4), ("dann_widths", 4)):
         w = getattr(args, name)
         require(len(w) == n and min(w) >= 1, f"--{name.replace('_', '-')} needs {n} positive widths, got {w}")
     require(len(args.d_widths) >= 1 and min(args.d_widths) >= 1, "--d-widths needs positive widths")
@@ -968,8 +955,9 @@ class DANN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.l(self.p(x))
 
-    def domain_logit(self, x: torch.Tensor, lam: float) -> torch.Tensor:
-        return self.domain(GradientReversal.apply(self.p(x), lam)).flatten()
+    def domain_logit(self, features: torch.Tensor, lam: float) -> torch.Tensor:
+        """The domain classifier on p's features, behind the gradient reversal (weight ``lam``)."""
+        return self.domain(GradientReversal.apply(features, lam)).flatten()
 
 
 def generator_loss(method: str, args: Args, losses: dict) -> torch.Tensor:
@@ -1140,7 +1128,7 @@ def main(argv=None):
             if m == "tos":
                 nets["tos_c"] = make_c()
     if "dann" in methods:
-        nets["dann"] = DANN(CONFIG_DIM)
+        nets["dann"] = DANN(CONFIG_DIM, args.dann_widths)
     for net in nets.values():
         net.to(device)
     opts = {k: torch.optim.Adam(v.parameters(), lr=args.lr, betas=(args.beta1, 0.999)) for k, v in nets.items()}
@@ -1231,8 +1219,9 @@ def main(argv=None):
         progress = runner_state["dann_step"] / max(1, args.dann_steps)
         lam = 2.0 / (1.0 + np.exp(-10 * progress)) - 1.0   # Ganin & Lempitsky's schedule of the reversal weight
         runner_state["dann_step"] += 1
-        loss_label = F.mse_loss(net(as_float(x_src)), 2 * u - 1)
-        logits = torch.cat([net.domain_logit(as_float(x_src), lam), net.domain_logit(to_64(as_float(x_tgt)), lam)])
+        p_src, p_tgt = net.p(as_float(x_src)), net.p(to_64(as_float(x_tgt)))
+        loss_label = F.mse_loss(net.l(p_src), 2 * u - 1)
+        logits = net.domain_logit(torch.cat([p_src, p_tgt]), lam)
         labels = torch.cat([torch.zeros(len(u), device=device), torch.ones(len(x_tgt), device=device)])
         loss_domain = F.binary_cross_entropy_with_logits(logits, labels)
         opts["dann"].zero_grad(set_to_none=True)
