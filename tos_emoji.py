@@ -979,7 +979,7 @@ def load_faces(args: Args, device: torch.device) -> dict:
     """The photos and f. Synthetic: s, eval (2 photos each) and f from the face world, with ground-truth
     configurations. Real (celeba or a folder of chips): the identities with two or more photos are split in
     half, one half as the evaluation set and the other as s (with the single-photo identities); f is dlib's."""
-    if args.faces == "synthetic":
+    if args.faces == "synthetic" and not args.faces_dir:
         s = common.synthetic_faces("s", args.n_s, 1, 64, args.world_seed)
         ev = common.synthetic_faces("eval", args.n_eval, 2, 64, args.world_seed)
         identities = [common.sample_identity(args.world_seed, int(i)) for i in ev["identity"][0::2]]
@@ -993,7 +993,7 @@ def load_faces(args: Args, device: torch.device) -> dict:
                 "f_source": f"synthetic f (ArcFace ResNet, {args.f_steps} steps; verification "
                             f"{100 * f_metrics['accuracy']:.2f}% on held-out identities)",
                 "source": f"{s['source']}; eval: {ev['source']}"}
-    if args.faces == "celeba":
+    if args.faces == "celeba" and not args.faces_dir:
         data = common.load_celeba(args.data_root, "all", common.DLIB_INPUT_SIZE, args.download,
                                   limit=args.n_s + 2 * args.n_eval)
     else:
@@ -1398,7 +1398,7 @@ def apply_to_photos(args: Args, device: torch.device, out: Path) -> int:
     require(state.get("script") == "tos_emoji" and "tos_g" in state["nets"],
             f"--ckpt: {args.ckpt} is not a tos_emoji run with a trained TOS")
     run = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["args"].items()})
-    synthetic = run.faces == "synthetic"
+    synthetic = run.faces == "synthetic" and not run.faces_dir
     size = 64 if synthetic else common.DLIB_INPUT_SIZE
     photos, names = [], []
     for path in (p for p in args.apply.split(",") if p):

@@ -106,3 +106,21 @@ def test_bad_flags_are_one_line_errors(run, tmp_path):
         res = run("tos_emoji.py", *flags, "--out", str(tmp_path / "x"))
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, (flags, res.stderr)
         assert not (tmp_path / "x").exists()
+
+
+def test_dry_run_on_a_face_folder_uses_the_dlib_f(run, tmp_path, monkeypatch):
+    try:
+        common.dlib_model_path()
+    except RuntimeError as exc:
+        pytest.skip(f"the dlib f needs face_recognition_models ({exc})")
+    for i in range(10):  # ten people, two aligned 150x150 chips each (rendered: no real data in tests)
+        (tmp_path / "faces" / f"p{i}").mkdir(parents=True)
+        for j in range(2):
+            photo = common.render_photo(common.sample_identity(0, i), common.sample_nuisance(0, i, j), 150)
+            Image.fromarray(photo).save(tmp_path / "faces" / f"p{i}" / f"{j}.png")
+    monkeypatch.setenv("AVATAR_REPRO_CACHE", str(tmp_path / "cache"))
+    res = run("tos_emoji.py", "--dry-run", "--faces-dir", str(tmp_path / "faces"), "--out", str(tmp_path / "r"))
+    assert res.returncode == 0, res.stderr
+    assert "dlib face-recognition ResNet" in res.stdout and "5 identities x 2 for evaluation" in res.stdout
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert "attributes" not in metrics["tos"] and metrics["tos"]["f_constancy"] > 0  # no ground truth for real faces
