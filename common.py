@@ -2080,6 +2080,15 @@ def to_float_images(images: torch.Tensor) -> torch.Tensor:
     return images.float().div(127.5).sub(1.0)
 
 
+def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Float images (N, C, H, W) to (N, C, size, size): bilinear, antialiased when shrinking; as they are when
+    they already have that size. Differentiable, so a loss through a face network reaches the generator."""
+    if x.shape[-2:] == (size, size):
+        return x
+    shrink = x.shape[-2] > size or x.shape[-1] > size
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 7c. Real faces: CelebA through torchvision, and a folder of aligned face crops
 # ----------------------------------------------------------------------------------------------------------------------
@@ -2316,10 +2325,7 @@ class DlibFaceNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"DlibFaceNet expects (N, 3, H, W) RGB in [-1, 1], got shape {tuple(x.shape)}")
-        size = DLIB_INPUT_SIZE
-        if x.shape[2:] != (size, size):
-            shrink = x.shape[2] > size or x.shape[3] > size
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+        x = resize_images(x, DLIB_INPUT_SIZE)
         pixels = (x + 1.0) * 127.5
         x = (pixels - self.input_mean[:, None, None]) / 256.0
         x = F.relu(self.affine1(self.conv1(x)))
@@ -2659,10 +2665,7 @@ class FaceIdentityNet(nn.Module):
                                    nn.BatchNorm1d(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_size or x.shape[-2] != self.in_size:
-            x = F.interpolate(x, size=(self.in_size, self.in_size), mode="bilinear", align_corners=False,
-                              antialias=x.shape[-1] > self.in_size)
-        return F.normalize(self.embed(self.features(x)), dim=1)
+        return F.normalize(self.embed(self.features(resize_images(x, self.in_size))), dim=1)
 
 
 def arcface_loss(code: torch.Tensor, weight: torch.Tensor, label: torch.Tensor, s: float = 30.0,

@@ -975,11 +975,17 @@ def generator_loss(method: str, args: Args, losses: dict) -> torch.Tensor:
 # ======================================================================================================================
 
 
+def face_source(args: Args) -> str:
+    """Where the photos come from: --faces-dir, when given, means a face folder (whatever --faces says)."""
+    return "folder" if args.faces_dir else args.faces
+
+
 def load_faces(args: Args, device: torch.device) -> dict:
     """The photos and f. Synthetic: s, eval (2 photos each) and f from the face world, with ground-truth
     configurations. Real (celeba or a folder of chips): the identities with two or more photos are split in
     half, one half as the evaluation set and the other as s (with the single-photo identities); f is dlib's."""
-    if args.faces == "synthetic" and not args.faces_dir:
+    source = face_source(args)
+    if source == "synthetic":
         s = common.synthetic_faces("s", args.n_s, 1, 64, args.world_seed)
         ev = common.synthetic_faces("eval", args.n_eval, 2, 64, args.world_seed)
         identities = [common.sample_identity(args.world_seed, int(i)) for i in ev["identity"][0::2]]
@@ -993,7 +999,7 @@ def load_faces(args: Args, device: torch.device) -> dict:
                 "f_source": f"synthetic f (ArcFace ResNet, {args.f_steps} steps; verification "
                             f"{100 * f_metrics['accuracy']:.2f}% on held-out identities)",
                 "source": f"{s['source']}; eval: {ev['source']}"}
-    if args.faces == "celeba" and not args.faces_dir:
+    if source == "celeba":
         data = common.load_celeba(args.data_root, "all", common.DLIB_INPUT_SIZE, args.download,
                                   limit=args.n_s + 2 * args.n_eval)
     else:
@@ -1084,11 +1090,10 @@ def main(argv=None):
     u_e, x_e, t, u_e_test, x_e_test = (v.to(device) for v in (u_e, x_e, t, u_e_test, x_e_test))
     gt = faces["gt"].to(device) if faces["gt"] is not None else None
 
-    def as_float(img):  # uint8 photos or emoji -> [-1, 1]
-        return common.to_float_images(img)
+    as_float = common.to_float_images  # uint8 photos or emoji -> [-1, 1]
 
     def to_64(img):  # photos at the emoji's size (real chips are 150x150)
-        return img if img.shape[-1] == 64 else F.interpolate(img, size=(64, 64), mode="bilinear", antialias=True)
+        return common.resize_images(img, 64)
 
     with torch.no_grad():  # f is fixed: its codes of s, t and the evaluation photos are computed once
         f_s = common.embed(f, s, device=device).to(device)
@@ -1144,9 +1149,7 @@ def main(argv=None):
 
     def for_d(img: torch.Tensor) -> torch.Tensor:
         """d sees emoji "scaled-up" to d_size (§4.2)."""
-        if img.shape[-1] == args.d_size:
-            return img
-        return F.interpolate(img, size=(args.d_size, args.d_size), mode="bilinear", align_corners=False)
+        return common.resize_images(img, args.d_size)
 
     # ------------------------------------------------------------------------------------------------------------------
     # One training step of each phase; each returns its losses as tensors (read on the host only when logged)
@@ -1285,22 +1288,22 @@ def main(argv=None):
             c = nets["tos_c"] if m == "tos" else nets["cbar"]
             g_x = g(f_x)
             c_g_x = c(g_x)
-            outputs[m] = {"G": g_x, "config": decode_config(c_g_x), "e_c_G": e(c_g_x),
-                          "compliance": compliance_loss(g_x, e(c_g_x)).item()}
+            e_c_g_x = e(c_g_x)
+            outputs[m] = {"G": g_x, "config": decode_config(c_g_x), "e_c_G": e_c_g_x,
+                          "compliance": compliance_loss(g_x, e_c_g_x).item()}
     with torch.no_grad():
-        f_x_eval = f(x_f)
         for m, o in outputs.items():
             o["engine"] = as_float(render_emoji_batch(o["config"].cpu()).to(device))  # the real avatar
-            r = {"f_constancy": (f_x_eval - f(o["engine"])).norm(dim=1).mean().item()}
+            r = {"f_constancy": (f_x - f(o["engine"])).norm(dim=1).mean().item()}
             if "G" in o:
                 r["compliance"] = o["compliance"]
-                r["f_constancy_G"] = (f_x_eval - f(o["G"])).norm(dim=1).mean().item()
+                r["f_constancy_G"] = (f_x - f(o["G"])).norm(dim=1).mean().item()
             if gt is not None:
                 r["attributes"] = group_accuracy(o["config"], gt)
             metrics[m] = r
         if gt is not None:
             metrics.update(baseline_accuracy(gt, faces["gt_population"].to(device)))
-            metrics["manual"] = {"f_constancy": (f_x_eval - f(as_float(gt_emoji))).norm(dim=1).mean().item(),
+            metrics["manual"] = {"f_constancy": (f_x - f(as_float(gt_emoji))).norm(dim=1).mean().item(),
                                  "attributes": group_accuracy(gt, gt)}
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -1398,7 +1401,7 @@ def apply_to_photos(args: Args, device: torch.device, out: Path) -> int:
     require(state.get("script") == "tos_emoji" and "tos_g" in state["nets"],
             f"--ckpt: {args.ckpt} is not a tos_emoji run with a trained TOS")
     run = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["args"].items()})
-    synthetic = run.faces == "synthetic" and not run.faces_dir
+    synthetic = face_source(run) == "synthetic"
     size = 64 if synthetic else common.DLIB_INPUT_SIZE
     photos, names = [], []
     for path in (p for p in args.apply.split(",") if p):
