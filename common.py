@@ -2741,6 +2741,56 @@ def embed(net: nn.Module, images: torch.Tensor, batch: int = 256, device: torch.
     return torch.cat(out)
 
 
+def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur of (N, C, H, W) with one sigma per image (0 = unchanged), as a separable 7-tap filter."""
+    r = torch.arange(-3, 4, device=x.device, dtype=x.dtype)
+    k = torch.exp(-r[None] ** 2 / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)                                                       # (N, 7)
+    n, c, h, w = x.shape
+    y = F.conv2d(F.pad(x.reshape(1, n * c, h, w), (3, 3, 0, 0), mode="replicate"),
+                 k.repeat_interleave(c, 0)[:, None, None, :], groups=n * c)
+    y = F.conv2d(F.pad(y, (0, 0, 3, 3), mode="replicate"), k.repeat_interleave(c, 0)[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+def style_augment(x: torch.Tensor, p: float = 0.8, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Augmentations that remove photographic style but keep identity, for training a style-robust f on photos only
+    (the f the emoji scripts need: L_CONST compares f of a photo with f of a cartoon). Each image, with
+    probability ``p``, gets a random mix of: shading flattened (the low-frequency luminance divided out),
+    saturation changed or removed (grey-scale), contrast and brightness jittered, blur, colours posterised (after a
+    blur) to 4-8 levels, and dark outlines drawn where the image has edges. Float images in [-1, 1] in and out; f never sees an
+    emoji or a configuration (TOS §4.2 trains f on photos only)."""
+    n, dev = len(x), x.device
+
+    def u(*shape):
+        return torch.rand(*shape, generator=generator, device="cpu").to(dev)
+
+    def coin(q):
+        return (u(n) < q)[:, None, None, None]
+
+    on = coin(p)
+    y = (x + 1) / 2                                                                      # [0, 1]
+    grey = y.mul(torch.tensor([0.299, 0.587, 0.114], device=dev)[:, None, None]).sum(1, keepdim=True)
+    shading = _blur(_blur(grey, torch.full((n,), 3.0, device=dev)), torch.full((n,), 3.0, device=dev))
+    flat = (y * (shading.mean((2, 3), keepdim=True) / shading.clamp(min=0.05))).clamp(0, 1)
+    y = torch.where(coin(0.5), flat, y)
+    grey = y.mul(torch.tensor([0.299, 0.587, 0.114], device=dev)[:, None, None]).sum(1, keepdim=True)
+    sat = torch.where(u(n) < 0.2, torch.zeros(n, device=dev), 0.5 + 1.5 * u(n))[:, None, None, None]
+    y = (grey + sat * (y - grey)).clamp(0, 1)
+    mean = y.mean((1, 2, 3), keepdim=True)
+    y = ((y - mean) * (0.6 + 0.9 * u(n, 1, 1, 1)) + mean + 0.3 * (u(n, 1, 1, 1) - 0.5)).clamp(0, 1)
+    y = torch.where(coin(0.4), _blur(y, 0.3 + 1.2 * u(n)), y)
+    levels = torch.randint(4, 9, (n,), generator=generator).to(dev).float()[:, None, None, None]
+    poster = torch.round(_blur(y, torch.full((n,), 1.0, device=dev)) * (levels - 1)) / (levels - 1)
+    y = torch.where(coin(0.4), poster, y)
+    g = y.mean(1, keepdim=True)
+    gx, gy = g[..., :, 1:] - g[..., :, :-1], g[..., 1:, :] - g[..., :-1, :]
+    edge = F.pad(gx.abs(), (0, 1, 0, 0)) + F.pad(gy.abs(), (0, 0, 0, 1))
+    line = (edge > 0.08 + 0.1 * u(n, 1, 1, 1)).float()
+    y = torch.where(coin(0.4), y * (1 - 0.8 * line), y)
+    return torch.where(on, y * 2 - 1, x)
+
+
 @dataclasses.dataclass(frozen=True)
 class FaceNetConfig:
     """How a synthetic identity network is trained; its cache key."""
@@ -2756,6 +2806,7 @@ class FaceNetConfig:
     world_seed: int = 0
     dim: int = 128
     width: int = 16
+    style_aug: float = 0.0      # probability of style_augment per training image (0: flips only)
 
 
 def train_face_net(cfg: FaceNetConfig, device: torch.device | str = "cpu", cache: str | Path | None = None,
@@ -2778,6 +2829,8 @@ def train_face_net(cfg: FaceNetConfig, device: torch.device | str = "cpu", cache
         xb = to_float_images(x[idx])
         flip = torch.rand(cfg.batch, device=device) < 0.5
         xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
+        if cfg.style_aug > 0:
+            xb = style_augment(xb, cfg.style_aug)
         loss = arcface_loss(net(xb), head, y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -2797,7 +2850,10 @@ def load_face_net(cfg: FaceNetConfig = FaceNetConfig(), device: torch.device | s
                   cache: str | Path | None = None, log=print) -> tuple[FaceIdentityNet, dict]:
     """The synthetic world's identity network for ``cfg``: read from the cache, or trained once and cached
     (with its metrics). Frozen and in eval mode, as a fixed f must be."""
-    key = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    fields = dataclasses.asdict(cfg)
+    if not cfg.style_aug:
+        del fields["style_aug"]          # the nets cached before style_aug existed keep their keys
+    key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
     path = cache_dir(cache) / f"facenet_v{FACE_WORLD_VERSION}_{cfg.arch}_{key}.pt"
     if path.is_file():
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,6 +1,7 @@
 """The faces foundation in common.py: splits and cached renders, the real-face loaders, the synthetic f and the
 verification protocol. (The renderer has its tests in test_face_world.py, the dlib port in test_dlib_port.py.)"""
 import contextlib
+import dataclasses
 import re
 
 import numpy as np
@@ -134,6 +135,24 @@ def test_a_small_trained_f_tells_identities_apart(tmp_path):
     assert metrics["accuracy"] > 0.6
     again, _ = common.load_face_net(cfg, cache=tmp_path)  # from the cache, identical
     assert torch.equal(common.embed(again, held["images"]), code)
+
+
+def test_style_augment_keeps_shape_range_and_is_seeded():
+    x = torch.rand(16, 3, 64, 64) * 2 - 1
+    assert torch.equal(common.style_augment(x, p=0.0), x)
+    a = common.style_augment(x, 1.0, torch.Generator().manual_seed(3))
+    b = common.style_augment(x, 1.0, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape and a.min() >= -1 and a.max() <= 1
+    assert (a - x).abs().flatten(1).amax(1).min() > 0.01      # every image changed
+
+
+def test_style_aug_is_part_of_the_cache_key(tmp_path):
+    cfg = common.FaceNetConfig(identities=8, per_identity=2, steps=2, batch=8, width=4)
+    names = set()
+    for aug in (0.0, 0.5):
+        common.load_face_net(dataclasses.replace(cfg, style_aug=aug), cache=tmp_path, log=lambda *_: None)
+        names = {p.name for p in tmp_path.glob("facenet_*.pt")}
+    assert len(names) == 2
 
 
 def test_command_line_sheet_and_bench(run, tmp_path):

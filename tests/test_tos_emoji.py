@@ -102,7 +102,8 @@ def test_apply_on_a_generated_photo(dry_run, run, tmp_path, monkeypatch):
 
 
 def test_bad_flags_are_one_line_errors(run, tmp_path):
-    for flags in (["--methods", "tos,gan"], ["--d-size", "100"], ["--faces", "folder"]):
+    for flags in (["--methods", "tos,gan"], ["--d-size", "100"], ["--faces", "folder"], ["--lc-reduction", "max"],
+                  ["--f-style-aug", "1.5"]):
         res = run("tos_emoji.py", *flags, "--out", str(tmp_path / "x"))
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, (flags, res.stderr)
         assert not (tmp_path / "x").exists()
