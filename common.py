@@ -2758,8 +2758,8 @@ def style_augment(x: torch.Tensor, p: float = 0.8, generator: torch.Generator | 
     (the f the emoji scripts need: L_CONST compares f of a photo with f of a cartoon). Each image, with
     probability ``p``, gets a random mix of: shading flattened (the low-frequency luminance divided out),
     saturation changed or removed (grey-scale), contrast and brightness jittered, blur, colours posterised (after a
-    blur) to 4-8 levels, and dark outlines drawn where the image has edges. Float images in [-1, 1] in and out; f never sees an
-    emoji or a configuration (TOS §4.2 trains f on photos only)."""
+    blur) to 4-8 levels, and dark outlines drawn where the image has edges. Float images in [-1, 1] in and out;
+    f never sees an emoji or a configuration (TOS §4.2 trains f on photos only)."""
     n, dev = len(x), x.device
 
     def u(*shape):

@@ -1221,7 +1221,8 @@ def main(argv=None):
         else:
             c = nets["tos_c"] if m == "tos" else nets["cbar"]
             losses["loss_gan"] = gan_g_loss(d(for_d(g_x)))      # L_GAN, non-saturating (Eq. 7)
-            losses["loss_c"] = compliance_loss(g_x, e(c(g_x)), args.lc_reduction)  # L_c (Eq. 5), e fixed
+            # L_c = ||G(x) - e(c(G(x)))||^2 (Eq. 5), e fixed
+            losses["loss_c"] = compliance_loss(g_x, e(c(g_x)), args.lc_reduction)
             if m == "tos":
                 opts["tos_c"].zero_grad(set_to_none=True)
         loss_g = generator_loss(m, args, losses)
@@ -1419,7 +1420,8 @@ def apply_to_photos(args: Args, device: torch.device, out: Path) -> int:
     state = common.load_checkpoint(args.ckpt)
     require(state.get("script") == "tos_emoji" and "tos_g" in state["nets"],
             f"--ckpt: {args.ckpt} is not a tos_emoji run with a trained TOS")
-    run = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["args"].items()})
+    saved = {"f_style_aug": 0.0, **state["args"]}  # runs saved before --f-style-aug had the flips-only f
+    run = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     synthetic = face_source(run) == "synthetic"
     size = 64 if synthetic else common.DLIB_INPUT_SIZE
     photos, names = [], []
