@@ -2741,9 +2741,10 @@ def embed(net: nn.Module, images: torch.Tensor, batch: int = 256, device: torch.
     return torch.cat(out)
 
 
-def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Gaussian blur of (N, C, H, W) with one sigma per image (0 = unchanged), as a separable 7-tap filter."""
+def _blur(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """Gaussian blur of (N, C, H, W), one sigma for all or one per image (0 = unchanged), separable, 7 taps."""
     r = torch.arange(-3, 4, device=x.device, dtype=x.dtype)
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).expand(len(x))
     k = torch.exp(-r[None] ** 2 / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
     k = k / k.sum(1, keepdim=True)                                                       # (N, 7)
     n, c, h, w = x.shape
@@ -2768,20 +2769,22 @@ def style_augment(x: torch.Tensor, p: float = 0.8, generator: torch.Generator | 
     def coin(q):
         return (u(n) < q)[:, None, None, None]
 
+    def luminance(img):
+        return img.mul(torch.tensor([0.299, 0.587, 0.114], device=dev)[:, None, None]).sum(1, keepdim=True)
+
     on = coin(p)
     y = (x + 1) / 2                                                                      # [0, 1]
-    grey = y.mul(torch.tensor([0.299, 0.587, 0.114], device=dev)[:, None, None]).sum(1, keepdim=True)
-    shading = _blur(_blur(grey, torch.full((n,), 3.0, device=dev)), torch.full((n,), 3.0, device=dev))
+    shading = _blur(_blur(luminance(y), 3.0), 3.0)
     flat = (y * (shading.mean((2, 3), keepdim=True) / shading.clamp(min=0.05))).clamp(0, 1)
     y = torch.where(coin(0.5), flat, y)
-    grey = y.mul(torch.tensor([0.299, 0.587, 0.114], device=dev)[:, None, None]).sum(1, keepdim=True)
+    grey = luminance(y)
     sat = torch.where(u(n) < 0.2, torch.zeros(n, device=dev), 0.5 + 1.5 * u(n))[:, None, None, None]
     y = (grey + sat * (y - grey)).clamp(0, 1)
     mean = y.mean((1, 2, 3), keepdim=True)
     y = ((y - mean) * (0.6 + 0.9 * u(n, 1, 1, 1)) + mean + 0.3 * (u(n, 1, 1, 1) - 0.5)).clamp(0, 1)
     y = torch.where(coin(0.4), _blur(y, 0.3 + 1.2 * u(n)), y)
     levels = torch.randint(4, 9, (n,), generator=generator).to(dev).float()[:, None, None, None]
-    poster = torch.round(_blur(y, torch.full((n,), 1.0, device=dev)) * (levels - 1)) / (levels - 1)
+    poster = torch.round(_blur(y, 1.0) * (levels - 1)) / (levels - 1)
     y = torch.where(coin(0.4), poster, y)
     g = y.mean(1, keepdim=True)
     gx, gy = g[..., :, 1:] - g[..., :, :-1], g[..., 1:, :] - g[..., :-1, :]

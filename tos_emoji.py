@@ -873,8 +873,8 @@ PRESETS = {
     "paper": {},
     "quick": dict(n_s=10000, n_t=10000, n_e_train=10000, n_eval=300, f_steps=600,
                   e_widths=(128, 64, 32, 16), c_widths=(16, 32, 64, 128), g_widths=(128, 64, 32, 16),
-                  d_widths=(16, 32, 64, 128), dann_widths=(16, 32, 64, 128), d_size=64, batch_size=32, e_steps=2000, cbar_steps=1000,
-                  gan_steps=1500, dann_steps=1000, log_every=50, ckpt_every=500),
+                  d_widths=(16, 32, 64, 128), dann_widths=(16, 32, 64, 128), d_size=64, batch_size=32, e_steps=2000,
+                  cbar_steps=1000, gan_steps=1500, dann_steps=1000, log_every=50, ckpt_every=500),
 }
 DRY_RUN = dict(n_s=128, n_t=128, n_e_train=128, n_eval=16, f_steps=2, e_steps=2, cbar_steps=2, gan_steps=2,
                dann_steps=2, log_every=1, ckpt_every=2, batch_size=8)
