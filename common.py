@@ -2731,11 +2731,13 @@ def verification_accuracy(code: torch.Tensor, identity, n_pairs: int = 3000, see
 
 
 @torch.no_grad()
-def embed(net: nn.Module, images: torch.Tensor, batch: int = 256, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Codes of uint8 or [-1, 1] float images, in batches, in eval mode; returned on the CPU."""
+def embed(net: nn.Module, images: torch.Tensor, batch: int = 256, device: torch.device | str = "cpu",
+          desc: str | None = None) -> torch.Tensor:
+    """Codes of uint8 or [-1, 1] float images, in batches, in eval mode; returned on the CPU. With ``desc``, a
+    progress bar of that name."""
     net.eval()
     out = []
-    for k in range(0, len(images), batch):
+    for k in tqdm(range(0, len(images), batch), desc=desc, unit="batch", disable=None if desc else True):
         x = images[k:k + batch].to(device)
         out.append(net(to_float_images(x) if x.dtype == torch.uint8 else x).float().cpu())
     return torch.cat(out)
