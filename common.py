@@ -167,7 +167,8 @@ def parse_args(cls, presets: dict[str, dict[str, Any]], auto_preset, argv: Seque
     a run without ``--preset``. The dataclass must have a field ``preset: str``.
     """
     docs = field_docs(cls)
-    parser = OneLineParser(description=description)
+    # the script's docstring keeps its lines (its usage commands and its tables); each flag's help is rewrapped
+    parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, f in fields.items():
         doc = f"{docs.get(name, '')} (default: {f.default})".replace("%", "%%")

@@ -227,15 +227,16 @@ def read_probes(run: str, match_set: str) -> tuple[Path, dict[str, torch.Tensor]
 # ======================================================================================================================
 
 
-def load_distractors(args: Args, identity: list[str], size: int) -> tuple[torch.Tensor, str]:
-    """s' as uint8 images at the probes' ``size``, and where they come from (see the module docstring)."""
+def load_distractors(args: Args, identity: list[str], size: int) -> tuple[torch.Tensor, np.ndarray | None, str]:
+    """s' as uint8 images at the probes' ``size``, their identities (real photos; None for the synthetic world,
+    one photo per identity) and where they come from (see the module docstring)."""
     if args.world == "synthetic":
         ids = np.array([int(i) for i in identity])
         lo = common.FACE_SPLITS["eval"] * common.SPLIT_STRIDE
         require(((ids >= lo) & (ids < lo + common.SPLIT_STRIDE)).all(),
                 "the probes' identities are not the synthetic world's eval split: pass --world folder or celeba")
         data = common.synthetic_faces("distractors", args.distractors, 1, max(size, 64), args.world_seed)
-        return data["images"], data["source"]
+        return data["images"], None, data["source"]
     if args.world == "folder":
         require(args.faces_dir, "--world folder needs --faces-dir DIR (the run's face folder)")
         data = common.load_face_folder(args.faces_dir, common.DLIB_INPUT_SIZE)
@@ -246,7 +247,8 @@ def load_distractors(args: Args, identity: list[str], size: int) -> tuple[torch.
     require(len(keep) >= 1, f"{data['source']}: no photo outside the evaluation identities to serve as distractor")
     images = common.resize_images(common.to_float_images(data["images"][keep]), size)
     images = ((images + 1) * 127.5).round().clamp(0, 255).byte()
-    return images, f"{data['source']}: the {len(keep)} photos of identities outside the evaluation set"
+    return (images, data["identity"].numpy()[keep],
+            f"{data['source']}: the {len(keep)} photos of identities outside the evaluation set")
 
 
 class Descriptor(nn.Module):
@@ -440,7 +442,7 @@ def main(argv=None):
 
     # Data: the probes, and the gallery s' u {x'}
     size = sets[args.match_set].shape[-1]
-    distractors, source = load_distractors(args, identity, size)
+    distractors, distractor_identity, source = load_distractors(args, identity, size)
     print(f"probes: {len(identity)} identities, sets {', '.join(sets)} ({meta})")
     print(f"distractors: {source}; gallery size {len(distractors) + 1:,}")
 
@@ -450,6 +452,15 @@ def main(argv=None):
     print(f"descriptor: {desc_name}")
     code = {name: common.embed(desc, images, args.batch, device) for name, images in sets.items()}
     code_s = common.embed(desc, distractors, args.batch, device, desc="distractors")
+    counts = np.unique(distractor_identity, return_counts=True)[1] if distractor_identity is not None else []
+    if len(counts) >= 2 and counts.max() >= 2:
+        # real photos: the descriptor's own verification (LFW's 10-fold protocol) on the distractors, at the
+        # probes' resolution, so that a wrong crop or a foreign checkpoint shows before any table is read
+        desc_metrics = {**desc_metrics, "distractor_verification": common.verification_accuracy(
+            code_s, distractor_identity, n_pairs=min(3000, len(code_s)), seed=args.seed)}
+        v = desc_metrics["distractor_verification"]
+        print(f"descriptor check: verification {100 * v['accuracy']:.2f}% (± {100 * v['accuracy_std']:.2f}, "
+              f"{v['folds']} folds, {v['pairs']} pairs of distractor photos at {size} px)")
 
     # Ranks of x' for every probe set, and a random-probe row: each identity probed with another identity's photo
     gallery = len(distractors) + 1

@@ -39,6 +39,17 @@ def test_identical_probe_ranks_first_and_a_collapsed_descriptor_ranks_last():
     assert er.retrieval_ranks(same, same, torch.ones(1000, 16)).tolist() == [1001] * 50
 
 
+def test_a_shuffled_probe_set_ranks_near_the_middle_of_the_gallery():
+    g = torch.Generator().manual_seed(2)
+    match = torch.nn.functional.normalize(torch.randn(400, 8, generator=g), dim=1)
+    distractors = torch.nn.functional.normalize(torch.randn(999, 8, generator=g), dim=1)
+    probe = match + 0.1 * torch.randn(400, 8, generator=g)  # each probe close to its own x'
+    assert er.rank_stats(er.retrieval_ranks(probe, match, distractors), 1000)["median_rank"] < 20
+    shuffled = probe[torch.roll(torch.arange(400), 1)]  # every identity probed with another one's image
+    median = er.rank_stats(er.retrieval_ranks(shuffled, match, distractors), 1000)["median_rank"]
+    assert 400 < median < 600, median  # (gallery size) / 2 = 500
+
+
 def test_rank_stats_median_of_an_even_count_and_the_accuracies():
     s = er.rank_stats([1, 2, 3, 10], gallery_size=11)
     assert s["median_rank"] == 2.5  # torch.median would say 2
@@ -98,6 +109,8 @@ def test_a_face_folder_excludes_the_probe_identities_and_warns_about_dlib(run, t
     assert "warning: the run's f was dlib's network" in r.stdout
     metrics = json.loads((tmp_path / "run" / "retrieval" / "metrics.json").read_text())
     assert metrics["gallery_size"] == 7 and "dlib" in metrics["descriptor"]
+    check = metrics["descriptor_check"]["distractor_verification"]  # the descriptor's own check, on s'
+    assert check["pairs"] == 12 and 0 <= check["accuracy"] <= 1
 
 
 def test_bad_input_is_one_line(run, tmp_path):
@@ -113,6 +126,20 @@ def test_bad_input_is_one_line(run, tmp_path):
     r = run("eval_retrieval.py", "--run", str(tmp_path))
     assert r.returncode == 2 and "no set 'photo_x2'" in r.stderr
     assert not (tmp_path / "retrieval").exists()
+
+
+def test_a_missing_identity_or_an_unreadable_image_is_one_line(run, tmp_path):
+    img = torch.zeros(3, 3, 16, 16, dtype=torch.uint8)
+    write_probes(tmp_path / "gap", {"photo_x2": img, "tos_engine": img}, ["7", "8", "9"])
+    meta = tmp_path / "gap" / "metadata.csv"
+    meta.write_text("\n".join(line for line in meta.read_text().splitlines() if line != "tos_engine,tos_engine/1.png,8"))
+    write_probes(tmp_path / "broken", {"photo_x2": img, "tos_engine": img}, ["7", "8", "9"])
+    (tmp_path / "broken" / "tos_engine" / "2.png").write_bytes(b"not a png")
+    for folder, message in [("gap", "set tos_engine does not list the identities of photo_x2"),
+                            ("broken", "cannot read " + str(tmp_path / "broken" / "tos_engine" / "2.png"))]:
+        r = run("eval_retrieval.py", "--run", str(tmp_path / folder))
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / folder / "retrieval").exists()
 
 
 def test_mobilefacenet_shapes_checkpoint_and_crop(tmp_path):
