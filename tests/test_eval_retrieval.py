@@ -54,6 +54,8 @@ def test_rank_stats_median_of_an_even_count_and_the_accuracies():
     s = er.rank_stats([1, 2, 3, 10], gallery_size=11)
     assert s["median_rank"] == 2.5  # torch.median would say 2
     assert s["mean_rank"] == 4.0 and s["rank1"] == 0.25 and s["rank5"] == 0.75 and s["gallery_size"] == 11
+    lo, hi = s["median_rank_ci95"]
+    assert 1 <= lo <= 2.5 <= hi <= 10 and lo < hi
 
 
 def write_probes(root: Path, sets: dict, identity: list, config: dict | None = None):
@@ -91,6 +93,11 @@ def test_dry_run_on_a_synthetic_probe_folder(run, tmp_path, cache):
     assert "| TOS |  |  |" in (out / "table.md").read_text() and "16,311" not in (out / "table.md").read_text()
     lines = (out / "ranks.csv").read_text().splitlines()
     assert lines[0] == "file,identity,photo_x,copy_of_x2,tos_engine,random_probe" and len(lines) == 7
+    # a second table reads the distractors' codes from the cache, and ranks exactly as the first
+    again = run("eval_retrieval.py", "--run", str(tmp_path / "mine"), "--dry-run", "--distractors", "20",
+                "--out", str(tmp_path / "again"))
+    assert again.returncode == 0 and "distractor codes: read from" in again.stdout, again.stderr
+    assert (tmp_path / "again" / "ranks.csv").read_text() == (out / "ranks.csv").read_text()
 
 
 def test_a_face_folder_excludes_the_probe_identities_and_warns_about_dlib(run, tmp_path, cache):
@@ -132,7 +139,7 @@ def test_a_missing_identity_or_an_unreadable_image_is_one_line(run, tmp_path):
     img = torch.zeros(3, 3, 16, 16, dtype=torch.uint8)
     write_probes(tmp_path / "gap", {"photo_x2": img, "tos_engine": img}, ["7", "8", "9"])
     meta = tmp_path / "gap" / "metadata.csv"
-    meta.write_text("\n".join(line for line in meta.read_text().splitlines() if line != "tos_engine,tos_engine/1.png,8"))
+    meta.write_text("\n".join(row for row in meta.read_text().splitlines() if row != "tos_engine,tos_engine/1.png,8"))
     write_probes(tmp_path / "broken", {"photo_x2": img, "tos_engine": img}, ["7", "8", "9"])
     (tmp_path / "broken" / "tos_engine" / "2.png").write_bytes(b"not a png")
     for folder, message in [("gap", "set tos_engine does not list the identities of photo_x2"),
