@@ -19,8 +19,9 @@ Protocol, for every probe set of the run and every evaluation identity i:
     rank_i = 1 + the number of distractors at least as similar to the probe as x'_i is (ties count against
              the probe, so a descriptor or a method that maps every face to one point gets the worst rank, not
              the best); similarity is the dot product of the descriptor's unit-length codes
-    reported: median rank (numpy's: the mean of the two middle ranks for an even count), mean rank, rank-1 and
-              rank-5 accuracy, and the gallery size |s'| + 1 beside them (a median rank grows with the gallery)
+    reported: median rank (numpy's: the mean of the two middle ranks for an even count) with a 95% bootstrap
+              interval over the probes, mean rank, rank-1 and rank-5 accuracy, and the gallery size |s'| + 1
+              beside them (a median rank grows with the gallery)
 
 The input: a folder with ``probes/metadata.csv`` (or ``metadata.csv`` itself), lines ``set,file,identity``, the file
 relative to the metadata's folder. The set ``photo_x2`` (``--match-set``) holds the gallery's x' of each identity;
@@ -30,9 +31,10 @@ photos, the identity numbers of ``common.load_face_folder`` on the same folder (
 
 Distractors s' and descriptors:
     synthetic world  s' = photos of the world's ``distractors`` split (identities no other split holds), rendered
-                     once and cached. The descriptor is a second identity network trained by this script (once,
-                     then cached) on the ``descriptor`` split: other identities, another architecture (a plain VGG-like
-                     stack, not f's ResNet) and another seed than tos_emoji's f. It sees photos only.
+                     once and cached, and so are the descriptor's codes of them. The descriptor is a second
+                     identity network trained by this script (once, then cached) on the ``descriptor`` split: other
+                     identities, another architecture (a plain VGG-like stack, not f's ResNet) and another seed
+                     than tos_emoji's f. It sees photos only.
     real photos      s' = every photo of the face folder (--faces-dir) or of CelebA (--faces celeba) whose identity
                      is not an evaluation identity. The descriptor is a user-supplied MobileFaceNet checkpoint
                      (--descriptor mobilefacenet --descriptor-ckpt; the architecture is below), or dlib's network,
