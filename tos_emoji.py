@@ -23,7 +23,9 @@ Algorithm (TOS Alg. 1), after e is trained on (u, engine(u)) pairs and fixed:
         update d:      maximize log d(x') + log(1 - d(G(x)))                                             (Eq. 7)
         update g, c:   minimize L_c + alpha L_GAN + beta L_CONST + gamma L_TID + delta L_TV, where
                        L_c = ||G(x) - e(c(G(x)))||^2 (Eq. 5), L_CONST = ||f(x) - f(G(x))||^2 (Eq. 6),
-                       L_TID = ||x' - g(f(x'))||^2 (Eq. 8), L_TV the total variation of G(x)
+                       L_TID = ||x' - g(f(x'))||^2 (Eq. 8), L_TV the total variation of G(x);
+                       c's configuration reaches e as a valid one-hot configuration (straight-through), and
+                       L_CONST also compares f(x) with f(e(c(G(x)))) (both are deviations, below)
 Baselines, each written to the same metrics:
     DTN            DTN §5.2: the same f, g and d, no c; a ternary d; L_G = L_GANG + a L_CONST + b L_TID + c L_TV
                    with (a, b, c) = (100, 1, 0.05) in DTN's notation. Its configuration is c-bar(G(x)).
@@ -41,6 +43,14 @@ Deviations from the paper (the README repeats them):
     synthetic f is trained with style-removing augmentations (common.style_augment: flattened shading, posterised
     colours, outlines, grey-scale, blur; --f-style-aug), on photos only, so that it reads identity from a cartoon
     better; it never sees an emoji or a configuration.
+  * c's configuration enters e as the valid configuration it decodes to (argmax within each group), with the
+    straight-through gradient of a per-group softmax (--c-decode straight_through, temperature --st-tau 0.2). The
+    paper feeds e c's output without saying how; c's raw tanh output (--c-decode tanh) lies between the binary
+    corners that e was trained on, where e draws textures, and G learned to match those textures.
+  * L_CONST is the mean of ||f(x) - f(G(x))||^2 (Eq. 6) and ||f(x) - f(e(c(G(x))))||^2 (--const-on both; G is Eq. 6
+    alone). On G(x) alone, G fools the small synthetic f with images that are no emoji: on the validation split,
+    ||f(x) - f(G(x))|| fell to 0.29 while the engine's render of c(G(x)) stayed at 1.31 (unrelated faces: ~1.4),
+    and the configurations were at chance. The compliant emoji is what Table 1 scores and what the engine draws.
   * L_c is a per-pixel mean (--lc-reduction mean), as in tos_polygons.py; the paper does not give its
     normalisation. The squared norm summed over the image (--lc-reduction sum) outweighs L_CONST and L_TID so far
     that G collapsed onto 4 configurations for 300 faces in validation.
@@ -828,6 +838,16 @@ class Args(common.RunArgs):
     """TOS: weight of L_TID (§4.2)"""
     delta: float = 0.0005
     """TOS: weight of L_TV (§4.2)"""
+    c_decode: str = "straight_through"
+    """how c's configuration enters e: straight_through (the argmax one-hot of each group forward, the gradient of a
+    softmax per group backward, so e only ever sees the binary configurations it was trained on) or tanh (c's raw
+    output in [-1, 1], off e's training set between the corners; the paper does not say which)"""
+    st_tau: float = 0.2
+    """with --c-decode straight_through: the temperature of the per-group softmax whose gradient stands in for the
+    argmax's"""
+    const_on: str = "both"
+    """which emoji L_CONST compares with the photo: G (Eq. 6 as written, f(G(x))), e_c_G (the compliant emoji
+    e(c(G(x))), the one Table 1 scores) or both (the mean of the two terms)"""
     lc_reduction: str = "mean"
     """L_c's normalisation, which the paper does not give: mean (per pixel, an MSE) or sum (Eq. 4's squared norm
     over the 64x64x3 values, which outweighs every other term 12,288-fold)"""
@@ -887,6 +907,9 @@ def validate(args: Args):
     """Every check that can fail on the arguments alone, before any file is written."""
     require(args.c_init in ("random", "cbar"), "--c-init must be random or cbar")
     require(args.lc_reduction in ("mean", "sum"), "--lc-reduction must be mean or sum")
+    require(args.c_decode in ("straight_through", "tanh"), "--c-decode must be straight_through or tanh")
+    require(args.const_on in ("G", "e_c_G", "both"), "--const-on must be G, e_c_G or both")
+    require(args.st_tau > 0, "--st-tau must be positive")
     require(0 <= args.f_style_aug <= 1, "--f-style-aug is a probability, in [0, 1]")
     for name in ("n_s", "n_t", "n_e_train", "n_eval", "batch_size", "log_every", "ckpt_every", "f_steps", "d_every"):
         require(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
@@ -972,6 +995,27 @@ class DANN(nn.Module):
     def domain_logit(self, features: torch.Tensor, lam: float) -> torch.Tensor:
         """The domain classifier on p's features, behind the gradient reversal (weight ``lam``)."""
         return self.domain(GradientReversal.apply(features, lam)).flatten()
+
+
+def configuration_for_e(scores: torch.Tensor, decode: str = "straight_through", tau: float = 0.2) -> torch.Tensor:
+    """c's output (tanh, [-1, 1]) as e's input, a configuration on e's {-1, 1} scale (e is trained on 2u - 1).
+
+    straight_through: forward, the valid configuration itself (argmax within each group, as the engine gets it);
+    backward, the gradient of softmax(scores / tau) within each group (Bengio et al. 2013's straight-through
+    estimator), so that L_c and L_CONST still reach c and G. tanh: the scores as they are (e then sees points between
+    the corners of its training set, where it renders textures, not emoji)."""
+    if decode == "tanh":
+        return scores
+    hard = decode_config(scores)
+    soft = torch.cat([F.softmax(scores[:, sl] / tau, 1) for sl in GROUP_SLICES.values()], 1)
+    return 2 * (hard + soft - soft.detach()) - 1
+
+
+def tos_const_loss(const_on: str, fx: torch.Tensor, f_g_x: torch.Tensor, f_e_c_g_x: torch.Tensor) -> torch.Tensor:
+    """L_CONST of TOS (Eq. 6, ||f(x) - f(G(x))||^2), on G(x), on the compliant emoji e(c(G(x))), or the mean of
+    the two (--const-on; the second is a deviation, see the docstring)."""
+    terms = {"G": [f_g_x], "e_c_G": [f_e_c_g_x], "both": [f_g_x, f_e_c_g_x]}[const_on]
+    return sum(const_loss(fx, t) for t in terms) / len(terms)
 
 
 def generator_loss(method: str, args: Args, losses: dict) -> torch.Tensor:
@@ -1212,17 +1256,21 @@ def main(argv=None):
             runner_state["loss_d"] = loss_d.detach()
         loss_d = runner_state["loss_d"]  # logged: d's loss at its last update
         # (2) Update g (and c): the generator's loss
-        loss_const = const_loss(fx, f(g_x))        # L_CONST = ||f(x) - f(G(x))||^2 (Eq. 6); f fixed, not detached
         loss_tid = tid_loss(t_b, g_t)              # L_TID = ||x' - G(x')||^2 for x' in t (Eq. 8)
         loss_tv = tv_loss(g_x)                     # L_TV (§3.2)
-        losses = {"loss_d": loss_d, "loss_const": loss_const, "loss_tid": loss_tid, "loss_tv": loss_tv}
+        losses = {"loss_d": loss_d, "loss_tid": loss_tid, "loss_tv": loss_tv}
         if m == "dtn":
+            losses["loss_const"] = const_loss(fx, f(g_x))  # L_CONST = ||f(x) - f(G(x))||^2 (DTN Eq. 5); f fixed
             losses["loss_gan"] = common.dtn_gang_loss(d(for_d(g_x)), d(for_d(g_t)))   # L_GANG (DTN Eq. 4)
         else:
             c = nets["tos_c"] if m == "tos" else nets["cbar"]
             losses["loss_gan"] = gan_g_loss(d(for_d(g_x)))      # L_GAN, non-saturating (Eq. 7)
-            # L_c = ||G(x) - e(c(G(x)))||^2 (Eq. 5), e fixed
-            losses["loss_c"] = compliance_loss(g_x, e(c(g_x)), args.lc_reduction)
+            # L_c = ||G(x) - e(c(G(x)))||^2 (Eq. 5), e fixed; c's configuration decoded for e (--c-decode)
+            e_c_g_x = e(configuration_for_e(c(g_x), args.c_decode, args.st_tau))
+            losses["loss_c"] = compliance_loss(g_x, e_c_g_x, args.lc_reduction)
+            # L_CONST = ||f(x) - f(G(x))||^2 (Eq. 6), on G(x) and/or e(c(G(x))) (--const-on); f fixed, not detached
+            losses["loss_const"] = tos_const_loss(args.const_on, fx, f(g_x) if args.const_on != "e_c_G" else None,
+                                                  f(e_c_g_x) if args.const_on != "G" else None)
             if m == "tos":
                 opts["tos_c"].zero_grad(set_to_none=True)
         loss_g = generator_loss(m, args, losses)
@@ -1298,7 +1346,8 @@ def main(argv=None):
         with torch.no_grad():
             if m == "dann":
                 scores = nets["dann"](x_64)
-                outputs[m] = {"config": decode_config(scores), "e_c_G": e(scores)}
+                outputs[m] = {"config": decode_config(scores),
+                              "e_c_G": e(configuration_for_e(scores, args.c_decode, args.st_tau))}
                 continue
         g = nets[f"{m}_g"]
         if args.bn_recalibrate:
@@ -1308,7 +1357,7 @@ def main(argv=None):
             c = nets["tos_c"] if m == "tos" else nets["cbar"]
             g_x = g(f_x)
             c_g_x = c(g_x)
-            e_c_g_x = e(c_g_x)
+            e_c_g_x = e(configuration_for_e(c_g_x, args.c_decode, args.st_tau))
             outputs[m] = {"G": g_x, "config": decode_config(c_g_x), "e_c_G": e_c_g_x,
                           "compliance": compliance_loss(g_x, e_c_g_x).item()}
     with torch.no_grad():

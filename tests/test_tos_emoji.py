@@ -27,6 +27,30 @@ def test_each_loss_term_appears_with_its_weight():
     assert (defaults.dtn_const, defaults.dtn_tid, defaults.dtn_tv) == (100.0, 1.0, 0.05)  # DTN §5.2
 
 
+def test_straight_through_gives_e_a_valid_configuration_and_c_a_gradient():
+    scores = torch.tanh(torch.randn(5, tos_emoji.CONFIG_DIM)).requires_grad_()
+    u = tos_emoji.configuration_for_e(scores, "straight_through", 0.2)
+    hard = tos_emoji.decode_config(scores.detach())
+    assert all(tos_emoji.is_valid_config(row) for row in hard.numpy())
+    assert torch.allclose(u.detach(), 2 * hard - 1, atol=1e-6)           # e's {-1, 1} scale, nothing in between
+    weights = torch.randn(tos_emoji.CONFIG_DIM)
+    (u * weights).sum().backward()
+    assert scores.grad.abs().sum() > 0                                    # the argmax alone would give none
+    soft = scores.detach().clone().requires_grad_()
+    (2 * torch.cat([torch.softmax(soft[:, sl] / 0.2, 1) for sl in tos_emoji.GROUP_SLICES.values()], 1)
+     * weights).sum().backward()
+    assert torch.allclose(scores.grad, soft.grad)                         # the softmax's gradient, backward
+    raw = torch.rand(3, tos_emoji.CONFIG_DIM) * 2 - 1
+    assert torch.equal(tos_emoji.configuration_for_e(raw, "tanh"), raw)  # --c-decode tanh: c's output as it is
+
+
+def test_const_on_picks_its_terms():
+    fx, fg, fe = torch.zeros(2, 4), torch.full((2, 4), 1.0), torch.full((2, 4), 3.0)
+    assert tos_emoji.tos_const_loss("G", fx, fg, None).item() == pytest.approx(1.0)       # Eq. 6: MSE(f(x), f(G(x)))
+    assert tos_emoji.tos_const_loss("e_c_G", fx, None, fe).item() == pytest.approx(9.0)   # on e(c(G(x)))
+    assert tos_emoji.tos_const_loss("both", fx, fg, fe).item() == pytest.approx(5.0)      # the mean of the two
+
+
 def test_gradient_reversal_negates_and_scales_gradients():
     x = torch.randn(4, 3, requires_grad=True)
     tos_emoji.GradientReversal.apply(x, 0.5).sum().backward()
@@ -103,7 +127,7 @@ def test_apply_on_a_generated_photo(dry_run, run, tmp_path, monkeypatch):
 
 def test_bad_flags_are_one_line_errors(run, tmp_path):
     for flags in (["--methods", "tos,gan"], ["--d-size", "100"], ["--faces", "folder"], ["--lc-reduction", "max"],
-                  ["--f-style-aug", "1.5"]):
+                  ["--f-style-aug", "1.5"], ["--c-decode", "round"], ["--const-on", "x"], ["--st-tau", "0"]):
         res = run("tos_emoji.py", *flags, "--out", str(tmp_path / "x"))
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, (flags, res.stderr)
         assert not (tmp_path / "x").exists()
