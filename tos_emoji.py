@@ -51,6 +51,7 @@ Deviations from the paper (the README repeats them):
     alone). On G(x) alone, G fools the small synthetic f with images that are no emoji: on the validation split,
     ||f(x) - f(G(x))|| fell to 0.29 while the engine's render of c(G(x)) stayed at 1.31 (unrelated faces: ~1.4),
     and the configurations were at chance. The compliant emoji is what Table 1 scores and what the engine draws.
+    `--c-decode tanh --const-on G` is the paper's setting; the README gives the validation runs behind both choices.
   * L_c is a per-pixel mean (--lc-reduction mean), as in tos_polygons.py; the paper does not give its
     normalisation. The squared norm summed over the image (--lc-reduction sum) outweighs L_CONST and L_TID so far
     that G collapsed onto 4 configurations for 300 faces in validation.
