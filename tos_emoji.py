@@ -1012,11 +1012,11 @@ def configuration_for_e(scores: torch.Tensor, decode: str = "straight_through", 
     return 2 * (hard + soft - soft.detach()) - 1
 
 
-def tos_const_loss(const_on: str, fx: torch.Tensor, f_g_x: torch.Tensor, f_e_c_g_x: torch.Tensor) -> torch.Tensor:
+def tos_const_loss(const_on: str, f, fx: torch.Tensor, g_x: torch.Tensor, e_c_g_x: torch.Tensor) -> torch.Tensor:
     """L_CONST of TOS (Eq. 6, ||f(x) - f(G(x))||^2), on G(x), on the compliant emoji e(c(G(x))), or the mean of
-    the two (--const-on; the second is a deviation, see the docstring)."""
-    terms = {"G": [f_g_x], "e_c_G": [f_e_c_g_x], "both": [f_g_x, f_e_c_g_x]}[const_on]
-    return sum(const_loss(fx, t) for t in terms) / len(terms)
+    the two (--const-on; the second is a deviation, see the docstring). f runs only on the emoji it compares."""
+    emoji = {"G": [g_x], "e_c_G": [e_c_g_x], "both": [g_x, e_c_g_x]}[const_on]
+    return sum(const_loss(fx, f(img)) for img in emoji) / len(emoji)
 
 
 def generator_loss(method: str, args: Args, losses: dict) -> torch.Tensor:
@@ -1270,8 +1270,7 @@ def main(argv=None):
             e_c_g_x = e(configuration_for_e(c(g_x), args.c_decode, args.st_tau))
             losses["loss_c"] = compliance_loss(g_x, e_c_g_x, args.lc_reduction)
             # L_CONST = ||f(x) - f(G(x))||^2 (Eq. 6), on G(x) and/or e(c(G(x))) (--const-on); f fixed, not detached
-            losses["loss_const"] = tos_const_loss(args.const_on, fx, f(g_x) if args.const_on != "e_c_G" else None,
-                                                  f(e_c_g_x) if args.const_on != "G" else None)
+            losses["loss_const"] = tos_const_loss(args.const_on, f, fx, g_x, e_c_g_x)
             if m == "tos":
                 opts["tos_c"].zero_grad(set_to_none=True)
         loss_g = generator_loss(m, args, losses)

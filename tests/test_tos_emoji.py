@@ -46,9 +46,10 @@ def test_straight_through_gives_e_a_valid_configuration_and_c_a_gradient():
 
 def test_const_on_picks_its_terms():
     fx, fg, fe = torch.zeros(2, 4), torch.full((2, 4), 1.0), torch.full((2, 4), 3.0)
-    assert tos_emoji.tos_const_loss("G", fx, fg, None).item() == pytest.approx(1.0)       # Eq. 6: MSE(f(x), f(G(x)))
-    assert tos_emoji.tos_const_loss("e_c_G", fx, None, fe).item() == pytest.approx(9.0)   # on e(c(G(x)))
-    assert tos_emoji.tos_const_loss("both", fx, fg, fe).item() == pytest.approx(5.0)      # the mean of the two
+    f = lambda img: img  # an f that returns its input, so the codes are the hand values themselves
+    assert tos_emoji.tos_const_loss("G", f, fx, fg, fe).item() == pytest.approx(1.0)      # Eq. 6: MSE(f(x), f(G(x)))
+    assert tos_emoji.tos_const_loss("e_c_G", f, fx, fg, fe).item() == pytest.approx(9.0)  # on e(c(G(x)))
+    assert tos_emoji.tos_const_loss("both", f, fx, fg, fe).item() == pytest.approx(5.0)   # the mean of the two
 
 
 def test_gradient_reversal_negates_and_scales_gradients():
