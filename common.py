@@ -524,6 +524,22 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8):
                                               padding=2, pad_value=0.5))
 
 
+def save_probes(out: Path, sets: dict[str, torch.Tensor], identity: list[int]):
+    """Every evaluation face of a face script (tos_emoji, crossmodal_avatar), for eval_retrieval.py:
+    ``probes/<set>/<k>.png`` and ``probes/metadata.csv`` with the columns set, file, identity. The sets
+    ``photo_x`` and ``photo_x2`` are the two photos of each identity (x' joins the retrieval gallery); the others
+    are the probes of each method (see the README). Images are float in [-1, 1]."""
+    root = out / "probes"
+    rows = ["set,file,identity"]
+    for name, images in sets.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
+        for k, (img, ident) in enumerate(zip(pixels.numpy(), identity)):
+            Image.fromarray(img).save(root / name / f"{k:05d}.png")
+            rows.append(f"{name},{name}/{k:05d}.png,{ident}")
+    atomic_write(root / "metadata.csv", lambda tmp: Path(tmp).write_text("\n".join(rows) + "\n"))
+
+
 def save_checkpoint(path: str | Path, state: dict):
     """``torch.save``, atomically: a crash mid-write leaves the previous checkpoint intact."""
     atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -1995,6 +2011,7 @@ FACE_SPLITS = {
     "distractors": 4,  # the retrieval gallery's distractors s'
     "descriptor": 5,   # trains eval_retrieval's independent descriptor (never f)
     "val": 6,          # validation identities: choosing hyperparameters and schedules, never reported as results
+    "pairs": 7,        # crossmodal_avatar's paired identities (photos with their ground-truth avatars)
 }
 SPLIT_STRIDE = 10_000_000  # identities per split: index = FACE_SPLITS[split] * SPLIT_STRIDE + i
 

@@ -1399,7 +1399,7 @@ def main(argv=None):
         sets["manual"] = as_float(gt_emoji)
     for m, o in outputs.items():
         sets.update({f"{m}_{k}": o[k] for k in ("G", "e_c_G", "engine") if k in o})
-    save_probes(out, sets, faces["identity"])
+    common.save_probes(out, sets, faces["identity"])
     common.write_json(out / "configs.json", {m: [config_to_dict(row) for row in o["config"].cpu().numpy()]
                                              for m, o in outputs.items()})
     wall = runner.elapsed()
@@ -1414,23 +1414,8 @@ def main(argv=None):
 
 
 # ======================================================================================================================
-# Outputs: probes for eval_retrieval.py, the table, and --apply
+# Outputs: the table, and --apply (the probes for eval_retrieval.py: common.save_probes)
 # ======================================================================================================================
-
-
-def save_probes(out: Path, sets: dict[str, torch.Tensor], identity: list[int]):
-    """Every evaluation face, for eval_retrieval.py: ``probes/<set>/<k>.png`` and ``probes/metadata.csv`` with the
-    columns set, file, identity. The sets ``photo_x`` and ``photo_x2`` are the two photos of each identity (x'
-    joins the retrieval gallery); the others are the probes of each method (see the README)."""
-    root = out / "probes"
-    rows = ["set,file,identity"]
-    for name, images in sets.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
-        for k, (img, ident) in enumerate(zip(pixels.numpy(), identity)):
-            Image.fromarray(img).save(root / name / f"{k:05d}.png")
-            rows.append(f"{name},{name}/{k:05d}.png,{ident}")
-    common.atomic_write(root / "metadata.csv", lambda tmp: Path(tmp).write_text("\n".join(rows) + "\n"))
 
 
 def results_table(metrics: dict, methods: list[str]) -> str:
