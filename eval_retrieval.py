@@ -8,6 +8,7 @@ as probe." (DTN §5.2.) The rank of x' among the 100,001 gallery faces says how 
 evaluation": the descriptor here is never the f that trained the avatars, and it never touches a loss.
 
     python eval_retrieval.py --run runs/tos_emoji/<run>                 # the table for a tos_emoji run
+    python eval_retrieval.py --run runs/crossmodal_avatar/<run>         # the same for crossmodal_avatar's avatars
     python eval_retrieval.py --run runs/tos_emoji/<celeba run> --descriptor mobilefacenet \\
         --descriptor-ckpt ../shared/data/eval_only/mobilefacenet_casia.ckpt    # real chips, an independent network
     python eval_retrieval.py --run my_probes/ --world synthetic         # one's own method's images (format below)
@@ -79,7 +80,8 @@ class Args:
     """paper (100,000 distractors as in DTN Tab. 4 / TOS Tab. 1, the descriptor trained 1,500 steps) or quick
     (the descriptor trained 600 steps, for a 2-core CPU); auto picks paper on CUDA and quick otherwise"""
     run: str = ""
-    """a run folder of tos_emoji.py (its probes/metadata.csv), or any folder holding metadata.csv (format above)"""
+    """a run folder of tos_emoji.py or crossmodal_avatar.py (its probes/metadata.csv), or any folder holding
+    metadata.csv (format above)"""
     out: str = ""
     """output folder; empty means <run>/retrieval"""
     seed: int = 1
@@ -139,7 +141,7 @@ PHOTO_SET = "photo_x"  # the photo x itself: the descriptor's own photo-to-photo
 
 
 def validate(args: Args):
-    require(args.run, "--run DIR is required: a tos_emoji run, or a folder with metadata.csv")
+    require(args.run, "--run DIR is required: a tos_emoji or crossmodal_avatar run, or a folder with metadata.csv")
     require(args.world in ("auto", "synthetic", "folder", "celeba"), "--world must be auto, synthetic, folder or "
                                                                       "celeba")
     require(args.descriptor in ("auto", "synthetic", "mobilefacenet", "dlib"),
@@ -199,7 +201,8 @@ def read_probes(run: str, match_set: str) -> tuple[Path, dict[str, torch.Tensor]
     root = Path(run)
     require(root.is_dir(), f"--run: {root} is not a folder")
     meta = root / "probes" / "metadata.csv" if (root / "probes" / "metadata.csv").is_file() else root / "metadata.csv"
-    require(meta.is_file(), f"--run: no probes/metadata.csv or metadata.csv in {root} (is it a tos_emoji run?)")
+    require(meta.is_file(), f"--run: no probes/metadata.csv or metadata.csv in {root} (is it a tos_emoji or "
+                            f"crossmodal_avatar run?)")
     rows: dict[str, list[tuple[str, str]]] = {}
     with open(meta, newline="") as fh:
         reader = csv.DictReader(fh)
@@ -272,7 +275,10 @@ class Descriptor(nn.Module):
 
 
 def run_faces(run_config: dict) -> str:
-    """Where a tos_emoji run's photos came from: synthetic, celeba or folder (--faces-dir wins, as in tos_emoji)."""
+    """Where a run's test photos came from: synthetic, celeba or folder (--faces-dir wins, as in tos_emoji). A
+    crossmodal_avatar run (it has --pairs-file) writes probes of the synthetic world's test identities only."""
+    if "pairs_file" in run_config:
+        return "synthetic"
     return "folder" if run_config.get("faces_dir") else run_config.get("faces", "synthetic")
 
 
