@@ -2352,7 +2352,7 @@ def main(argv=None):
     save_probes(out, test, y_ours, y_base, hair_hat, truth_hair)
     wall = time.time() - t_start + runner.elapsed_before
     tables = results_tables(results, plan)
-    (out / "tables.md").write_text(tables + "\n")
+    (out / "table.md").write_text(tables + "\n")
     common.write_json(out / "metrics.json", {
         "script": "crossmodal_avatar", "preset": preset, "seed": args.seed, "f_seeds": args.f_seeds,
         "device": common.describe_device(device), "wall_time_s": round(wall, 1), "avatar_dim": AVATAR_DIM,

@@ -148,7 +148,7 @@ def dry_run(tmp_path_factory):
 def test_dry_run_writes_every_output(dry_run):
     out = dry_run.out
     for name in ("config.json", "metrics.json", "log.csv", "ckpt.pt", "model.pt", "grid.png", "res512.png",
-                 "image_ae.png", "tables.md", "probes/metadata.csv"):
+                 "image_ae.png", "table.md", "probes/metadata.csv"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["avatar_dim"] == 629 and "perceptual_network" in metrics and "lpips" in metrics
@@ -175,7 +175,7 @@ def test_table3_and_fig8_reuse_the_autoencoders(dry_run, run, tmp_path, monkeypa
     metrics = json.loads((tmp_path / "t3" / "metrics.json").read_text())
     assert set(metrics["results"]["table3"]) == set(cm.ABLATION_LABELS.values())
     assert len(metrics["results"]["fig8"]) == 2 and "reused" in metrics["autoencoders"]
-    assert "Table 3" in (tmp_path / "t3" / "tables.md").read_text()
+    assert "Table 3" in (tmp_path / "t3" / "table.md").read_text()
 
 
 def test_apply_writes_json_png_and_svg(dry_run, run, tmp_path, monkeypatch):
@@ -202,3 +202,24 @@ def test_bad_flags_are_one_line_errors(run, tmp_path, flags, message):
     res = run("crossmodal_avatar.py", "--dry-run", "--out", str(tmp_path / "r"), *flags)
     assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_pairs_file_is_read_and_split_and_bad_lines_are_named(tmp_path):
+    from PIL import Image
+    y = cm.avatar_from_identity(cm.common.sample_identity(0, 3))
+    lines = []
+    for k in range(12):
+        Image.fromarray(np.full((40, 40, 3), 10 * k, np.uint8)).save(tmp_path / f"p{k}.png")
+        rec = {"photo": f"p{k}.png", "avatar": [float(v) for v in y]}
+        if k == 11:
+            rec["split"] = "test"
+        lines.append(json.dumps(rec))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    sets = cm.file_pairs(str(tmp_path / "pairs.jsonl"), 32)
+    assert [len(sets[s]["y"]) for s in ("train", "val", "test")] == [10, 1, 1]
+    assert sets["train"]["x"].shape == (10, 3, 32, 32) and sets["test"]["identity"].tolist() == [12]
+    assert torch.allclose(sets["val"]["y"][0], torch.from_numpy(y))
+    (tmp_path / "bad.jsonl").write_text(lines[0] + "\n" + json.dumps({"photo": "p1.png", "avatar": [0.5] * 3}) + "\n")
+    with pytest.raises(cm.common.UsageError) as err:
+        cm.file_pairs(str(tmp_path / "bad.jsonl"), 32)
+    assert "line 2: 'avatar' must be 629 numbers" in err.value.message
