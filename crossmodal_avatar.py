@@ -1582,7 +1582,8 @@ class Args(common.RunArgs):
     f_seeds: int = 1
     """seeds of every F (and baseline) trained: the tables give their mean and spread"""
     ae_from: str = ""
-    """a finished run (folder or ckpt.pt) whose autoencoders and H to reuse instead of training them"""
+    """a finished run (folder or ckpt.pt) whose four autoencoder networks to reuse instead of training them (H and
+    the bank are rebuilt: they are deterministic)"""
 
     # Outputs
     apply: str = ""
@@ -2455,7 +2456,7 @@ def read_portrait(path: str, size: int) -> torch.Tensor:
     w, h = img.size
     side = min(w, h)
     img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-    return torch.from_numpy(np.asarray(img.resize((size, size), Image.BICUBIC), np.uint8)).permute(2, 0, 1)
+    return torch.from_numpy(np.array(img.resize((size, size), Image.BICUBIC), np.uint8)).permute(2, 0, 1)
 
 
 def apply_to_photos(args: Args, device: torch.device, out: Path) -> int:
