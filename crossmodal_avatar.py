@@ -1742,13 +1742,17 @@ def loss_weights(args: Args, ablation: str | None = None) -> dict[str, float]:
 
 
 def mapping_loss(F_net: nn.Module, E_t: nn.Module, D_t: nn.Module, z_s: torch.Tensor, y: torch.Tensor,
-                 w: dict[str, float]) -> dict[str, torch.Tensor]:
+                 w: dict[str, float], z_t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Eq. 6 on a batch of E_s codes z_s and their avatars y: L = lambda_r L_rec + lambda_c L_cm + lambda_w L_w.
-    Returns the total and each term (a term whose lambda is 0 is not computed: it contributes exactly 0)."""
+    ``z_t`` = E_t(y) when the caller has it (E_t is frozen, so it can be computed once for all pairs). Returns the
+    total and each term (a term whose lambda is 0 is not computed: it contributes exactly 0)."""
     z_m = F_net(z_s)                                   # the translated code z_m = F(E_s(x))
     zero = z_m.new_zeros(())
     l_rec = param_rec_loss(D_t(z_m), y)                # L_rec = (D_t(F(E_s(x))) - y)^2
-    l_cm = cross_modal_loss(z_m, E_t(y), w["l1"], w["l2"]) if w["c"] > 0 else zero   # z_t = E_t(y), Eq. 4
+    if w["c"] > 0:                                     # Eq. 4, with z_t = E_t(y)
+        l_cm = cross_modal_loss(z_m, E_t(y) if z_t is None else z_t, w["l1"], w["l2"])
+    else:
+        l_cm = zero
     l_w = weight_alignment_loss(F_net, E_t) if w["w"] > 0 else zero                  # Eq. 5
     total = w["r"] * l_rec + w["c"] * l_cm + w["w"] * l_w
     return {"loss": total, "loss_rec": l_rec, "loss_cm": l_cm, "loss_w": l_w}
@@ -2016,10 +2020,13 @@ def train_mapping(kind: str, args: Args, nets: dict, z_s: torch.Tensor, y: torch
     def predict(z):
         return D_t(net(z)) if kind == "F" else net(z)
 
-    def losses(z, yy):
+    with torch.no_grad():  # E_t is frozen: z_t = E_t(y) of every pair once, not once per step
+        z_t = E_t(y) if kind == "F" and w["c"] > 0 else None
+
+    def losses(idx):
         if kind == "F":
-            return mapping_loss(net, E_t, D_t, z, yy, w)
-        rec = param_rec_loss(net(z), yy)
+            return mapping_loss(net, E_t, D_t, z_s[idx], y[idx], w, None if z_t is None else z_t[idx])
+        rec = param_rec_loss(net(z_s[idx]), y[idx])
         return {"loss": rec, "loss_rec": rec}
 
     best, best_state, history = float("inf"), None, []
@@ -2030,7 +2037,7 @@ def train_mapping(kind: str, args: Args, nets: dict, z_s: torch.Tensor, y: torch
         sums: dict[str, torch.Tensor] = {}
         for i in range(0, n, args.batch_f):
             idx = order[i:i + args.batch_f]
-            parts = losses(z_s[idx], y[idx])
+            parts = losses(idx)
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
             opt.step()

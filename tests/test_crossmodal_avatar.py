@@ -133,16 +133,11 @@ def test_hair_bank_returns_the_nearest_entry():
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    from conftest import run_script
-    cache = tmp_path_factory.mktemp("cache")
-    out = tmp_path_factory.mktemp("runs") / "dry"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AVATAR_REPRO_CACHE", str(cache))   # the dry run's tiny f and renders stay out of the user's cache
-        first = run_script("crossmodal_avatar.py", "--dry-run", "--out", str(out), "--interrupt-at", "1")
-        assert first.returncode == 130, first.stdout + first.stderr
-        second = run_script("crossmodal_avatar.py", "--resume", str(out))
-    assert second.returncode == 0, second.stdout + second.stderr
-    return types.SimpleNamespace(out=out, cache=cache, stdout=second.stdout)
+    from conftest import interrupted_dry_run
+    res = interrupted_dry_run(tmp_path_factory, "crossmodal_avatar.py", 1)
+    assert res.first.returncode == 130, res.first.stdout + res.first.stderr
+    assert res.second.returncode == 0, res.second.stdout + res.second.stderr
+    return types.SimpleNamespace(out=res.out, cache=res.cache, stdout=res.second.stdout)
 
 
 def test_dry_run_writes_every_output(dry_run):

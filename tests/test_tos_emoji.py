@@ -11,7 +11,7 @@ from PIL import Image
 
 import common
 import tos_emoji
-from conftest import run_script
+from conftest import interrupted_dry_run
 
 
 def test_each_loss_term_appears_with_its_weight():
@@ -74,16 +74,11 @@ def test_networks_have_the_papers_shapes():
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     """One dry run of all four methods, stopped after c-bar's phase and resumed: c-bar must not change after it."""
-    cache = tmp_path_factory.mktemp("cache")
-    out = tmp_path_factory.mktemp("runs") / "dry"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AVATAR_REPRO_CACHE", str(cache))  # the dry run's tiny f and renders stay out of the user's cache
-        first = run_script("tos_emoji.py", "--dry-run", "--out", str(out), "--interrupt-at", "4")  # e 2, c-bar 2
-        assert first.returncode == 130, first.stderr
-        cbar_after_phase = torch.load(out / "ckpt.pt", weights_only=False)["nets"]["cbar"]
-        second = run_script("tos_emoji.py", "--resume", str(out))
-        assert second.returncode == 0, second.stderr
-    return SimpleNamespace(out=out, cache=cache, cbar_after_phase=cbar_after_phase, stdout=second.stdout)
+    res = interrupted_dry_run(tmp_path_factory, "tos_emoji.py", 4,   # e 2, c-bar 2
+                              after_first=lambda out: torch.load(out / "ckpt.pt", weights_only=False)["nets"]["cbar"])
+    assert res.first.returncode == 130, res.first.stderr
+    assert res.second.returncode == 0, res.second.stderr
+    return SimpleNamespace(out=res.out, cache=res.cache, cbar_after_phase=res.between, stdout=res.second.stdout)
 
 
 def test_dry_run_writes_every_method_and_output(dry_run):
