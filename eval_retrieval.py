@@ -28,7 +28,7 @@ The input: a folder with ``probes/metadata.csv`` (or ``metadata.csv`` itself), l
 relative to the metadata's folder. The set ``photo_x2`` (``--match-set``) holds the gallery's x' of each identity;
 every other set is a probe set with one image per identity (the same identities). ``tos_emoji.py`` writes exactly
 this; so can any method. Identities are the synthetic world's identity indices (the ``eval`` split) or, for real
-photos, the identity numbers of ``common.load_face_folder`` on the same folder (tos_emoji writes those).
+photos, the identity numbers of ``faces.load_face_folder`` on the same folder (tos_emoji writes those).
 
 Distractors s' and descriptors:
     synthetic world  s' = photos of the world's ``distractors`` split (identities no other split holds), rendered
@@ -68,6 +68,8 @@ from PIL import Image
 
 import common
 from common import require
+from worlds import face_nets
+from worlds import faces
 
 # ======================================================================================================================
 # Arguments
@@ -119,7 +121,7 @@ class Args:
     descriptor_steps: int = 1500
     """training steps of the synthetic descriptor (ArcFace, batch 128, SGD with a one-cycle schedule)"""
     descriptor_style_aug: float = 0.0
-    """probability of common.style_augment when training the synthetic descriptor (0: flips only, as VGG-Face was
+    """probability of face_nets.style_augment when training the synthetic descriptor (0: flips only, as VGG-Face was
     trained on ordinary photos)"""
     batch: int = 512
     """images per forward pass of the descriptor"""
@@ -242,20 +244,20 @@ def load_distractors(args: Args, identity: list[str], size: int) -> tuple[torch.
     one photo per identity) and where they come from (see the module docstring)."""
     if args.world == "synthetic":
         ids = np.array([int(i) for i in identity])
-        lo = common.FACE_SPLITS["eval"] * common.SPLIT_STRIDE
-        require(((ids >= lo) & (ids < lo + common.SPLIT_STRIDE)).all(),
+        lo = faces.FACE_SPLITS["eval"] * faces.SPLIT_STRIDE
+        require(((ids >= lo) & (ids < lo + faces.SPLIT_STRIDE)).all(),
                 "the probes' identities are not the synthetic world's eval split: pass --world folder or celeba")
-        data = common.synthetic_faces("distractors", args.distractors, 1, max(size, 64), args.world_seed)
+        data = faces.synthetic_faces("distractors", args.distractors, 1, max(size, 64), args.world_seed)
         return data["images"], None, data["source"]
     if args.world == "folder":
         require(args.faces_dir, "--world folder needs --faces-dir DIR (the run's face folder)")
-        data = common.load_face_folder(args.faces_dir, common.DLIB_INPUT_SIZE)
+        data = faces.load_face_folder(args.faces_dir, face_nets.DLIB_INPUT_SIZE)
     else:
-        data = common.load_celeba(args.data_root, "all", common.DLIB_INPUT_SIZE, args.download)
+        data = faces.load_celeba(args.data_root, "all", face_nets.DLIB_INPUT_SIZE, args.download)
     probe_ids = {int(i) for i in identity}
     keep = np.flatnonzero(~np.isin(data["identity"].numpy(), list(probe_ids)))[:args.distractors]
     require(len(keep) >= 1, f"{data['source']}: no photo outside the evaluation identities to serve as distractor")
-    images = common.resize_images(common.to_float_images(data["images"][keep]), size)
+    images = faces.resize_images(faces.to_float_images(data["images"][keep]), size)
     images = ((images + 1) * 127.5).round().clamp(0, 255).byte()
     return (images, data["identity"].numpy()[keep],
             f"{data['source']}: the {len(keep)} photos of identities outside the evaluation set")
@@ -285,11 +287,11 @@ def run_faces(run_config: dict) -> str:
 def load_descriptor(args: Args, run_config: dict, device: torch.device) -> tuple[Descriptor, str, dict]:
     """The independent descriptor (never the run's f), its description and its own check."""
     if args.descriptor == "synthetic":
-        cfg = common.FaceNetConfig(arch="plain", split="descriptor", identities=args.descriptor_identities,
+        cfg = face_nets.FaceNetConfig(arch="plain", split="descriptor", identities=args.descriptor_identities,
                                    steps=args.descriptor_steps, seed=args.seed,
                                    world_seed=args.world_seed, style_aug=args.descriptor_style_aug)
         require(cfg.seed != 0 or cfg.arch != "resnet", "the descriptor must differ from tos_emoji's f")
-        net, metrics = common.load_face_net(cfg, device)
+        net, metrics = face_nets.load_face_net(cfg, device)
         return (Descriptor(net).to(device), f"synthetic descriptor (plain CNN, ArcFace, {args.descriptor_steps} "
                 f"steps on the descriptor split, seed {args.seed}; verification {100 * metrics['accuracy']:.2f}% "
                 f"on held-out identities)", metrics)
@@ -300,7 +302,7 @@ def load_descriptor(args: Args, run_config: dict, device: torch.device) -> tuple
     if run_faces(run_config) != "synthetic":
         print("warning: the run's f was dlib's network, so dlib as the descriptor is the very bias the papers "
               "avoided with VGG-Face; pass --descriptor mobilefacenet --descriptor-ckpt FILE for an independent one")
-    return Descriptor(common.load_dlib_face_net(device=device)).to(device), "dlib face-recognition ResNet", {}
+    return Descriptor(face_nets.load_dlib_face_net(device=device)).to(device), "dlib face-recognition ResNet", {}
 
 
 def distractor_codes(desc: Descriptor, distractors: torch.Tensor, source: str, args: Args,
@@ -309,15 +311,15 @@ def distractor_codes(desc: Descriptor, distractors: torch.Tensor, source: str, a
     under the hash of that line and of the descriptor's weights: the 100,000 are embedded once per descriptor, and
     every later table (another run, another seed) reads them."""
     if args.world != "synthetic":
-        return common.embed(desc, distractors, args.batch, device, desc="distractors")
+        return face_nets.embed(desc, distractors, args.batch, device, desc="distractors")
     key = hashlib.sha1(f"{source} {len(distractors)} {tuple(distractors.shape)}".encode())
     for v in desc.state_dict().values():
         key.update(v.detach().cpu().contiguous().numpy().tobytes())
-    path = common.cache_dir() / f"retrieval_codes_{key.hexdigest()[:12]}.pt"
+    path = faces.cache_dir() / f"retrieval_codes_{key.hexdigest()[:12]}.pt"
     if path.is_file():
         print(f"distractor codes: read from {path}")
         return torch.load(path, weights_only=True)
-    code = common.embed(desc, distractors, args.batch, device, desc="distractors")
+    code = face_nets.embed(desc, distractors, args.batch, device, desc="distractors")
     common.atomic_write(path, lambda tmp: torch.save(code, tmp))
     return code
 
@@ -482,13 +484,13 @@ def main(argv=None):
     common.seed_everything(args.seed)
     desc, desc_name, desc_metrics = load_descriptor(args, run_config, device)
     print(f"descriptor: {desc_name}")
-    code = {name: common.embed(desc, images, args.batch, device) for name, images in sets.items()}
+    code = {name: face_nets.embed(desc, images, args.batch, device) for name, images in sets.items()}
     code_s = distractor_codes(desc, distractors, source, args, device)
     counts = np.unique(distractor_identity, return_counts=True)[1] if distractor_identity is not None else []
     if len(counts) >= 2 and counts.max() >= 2:
         # real photos: the descriptor's own verification (LFW's 10-fold protocol) on the distractors, at the
         # probes' resolution, so that a wrong crop or a foreign checkpoint shows before any table is read
-        desc_metrics = {**desc_metrics, "distractor_verification": common.verification_accuracy(
+        desc_metrics = {**desc_metrics, "distractor_verification": face_nets.verification_accuracy(
             code_s, distractor_identity, n_pairs=min(3000, len(code_s)), seed=args.seed)}
         v = desc_metrics["distractor_verification"]
         print(f"descriptor check: verification {100 * v['accuracy']:.2f}% (± {100 * v['accuracy_std']:.2f}, "

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import common
-from crossmodal_avatar import (ACCESSORIES, AVATAR_DIM, AVATAR_GROUPS, GROUP_SLICES, HAIRSTYLES, avatar_from_dict,
-                               avatar_from_identity, avatar_primitives, avatar_svg, avatar_to_dict, hair_from_identity,
-                               hair_names, render_avatar, render_avatar_batch, sample_avatars, validate_hair)
+from worlds import faces
+from worlds.vector_avatar import (ACCESSORIES, AVATAR_DIM, AVATAR_GROUPS, GROUP_SLICES, HAIRSTYLES, avatar_from_dict,
+                                   avatar_from_identity, avatar_primitives, avatar_svg, avatar_to_dict, hair_from_identity,
+                                   hair_names, render_avatar, render_avatar_batch, sample_avatars, validate_hair)
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 
@@ -21,7 +21,7 @@ def _mad(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def identity():
-    return common.sample_identity(0, 2)          # curly hair, square glasses, goatee
+    return faces.sample_identity(0, 2)          # curly hair, square glasses, goatee
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_ground_truth_vector(identity):
     assert y.min() >= 0.0 and y.max() <= 1.0
     assert np.array_equal(y, avatar_from_identity(identity))
     # the layout is the photo's: eye line near 0.38, eyes left and right of the centre, chin near 0.80-0.87
-    geo = common._geometry(identity)
+    geo = faces.face_geometry(identity)
     ic = avatar_to_dict(y)["iris"]
     assert abs(ic[1] - geo.ye) < 0.01 and ic[0] < 0.5 < ic[3]
     pts = y[GROUP_SLICES["face_contour"]][:60].reshape(30, 2)
@@ -76,7 +76,7 @@ def test_sample_avatars_reproducible():
     assert np.array_equal(a, sample_avatars(6, seed=3))
     assert np.array_equal(a[:4], sample_avatars(4, seed=3))
     assert not np.array_equal(a, sample_avatars(6, seed=4))
-    one = avatar_from_identity(common.sample_identity(3, 5), np.random.default_rng([0x5A, 3, 5]), 0.006)
+    one = avatar_from_identity(faces.sample_identity(3, 5), np.random.default_rng([0x5A, 3, 5]), 0.006)
     assert np.allclose(a[5], one, atol=1e-6)
 
 
@@ -116,14 +116,14 @@ RES_MAX_MAD = 4.5
 
 def test_resolutions_agree():
     for i in (0, 2, 4, 7):
-        idn = common.sample_identity(0, i)
+        idn = faces.sample_identity(0, i)
         y, h = avatar_from_identity(idn), hair_from_identity(idn)
         small = render_avatar(y, 64, h)
         big = np.asarray(Image.fromarray(render_avatar(y, 256, h)).resize((64, 64), Image.BOX))
         assert _mad(small, big) < RES_MAX_MAD, i
     # a wrong render (another identity) is far away
-    other = render_avatar(avatar_from_identity(common.sample_identity(0, 3)), 64)
-    assert _mad(render_avatar(avatar_from_identity(common.sample_identity(0, 7)), 64), other) > 2 * RES_MAX_MAD
+    other = render_avatar(avatar_from_identity(faces.sample_identity(0, 3)), 64)
+    assert _mad(render_avatar(avatar_from_identity(faces.sample_identity(0, 7)), 64), other) > 2 * RES_MAX_MAD
 
 
 def test_hair_bank_and_accessories(identity):
@@ -199,7 +199,7 @@ def test_svg_raster_matches_pil():
     except Exception:  # noqa: BLE001 - cairosvg or its cairo library missing
         pytest.skip("cairosvg not available")
     for i in (0, 2, 4):
-        idn = common.sample_identity(0, i)
+        idn = faces.sample_identity(0, i)
         y, h = avatar_from_identity(idn), hair_from_identity(idn)
         png = cairosvg.svg2png(bytestring=avatar_svg(y, 128, h).encode(), output_width=128, output_height=128)
         svg = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))

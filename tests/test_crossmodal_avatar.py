@@ -9,6 +9,9 @@ import torch
 import torch.nn as nn
 
 import crossmodal_avatar as cm
+import common
+import worlds.vector_avatar as va
+from worlds import faces
 
 
 def tiny_args(**kw):
@@ -54,8 +57,8 @@ def test_weight_alignment_loss_eq5_compares_the_last_layers():
 def test_mapping_loss_eq6_is_the_weighted_sum_of_its_terms():
     torch.manual_seed(0)
     args = tiny_args()
-    F_net, E_t, D_t = cm.make_F(args), cm.mlp(cm.AVATAR_DIM, 3, 4), cm.mlp(4, 3, cm.AVATAR_DIM, out="sigmoid")
-    z_s, y = torch.randn(5, 4), torch.rand(5, cm.AVATAR_DIM)
+    F_net, E_t, D_t = cm.make_F(args), cm.mlp(va.AVATAR_DIM, 3, 4), cm.mlp(4, 3, va.AVATAR_DIM, out="sigmoid")
+    z_s, y = torch.randn(5, 4), torch.rand(5, va.AVATAR_DIM)
     w = cm.loss_weights(args)
     assert w == dict(r=1.0, c=1.0, w=10.0, l1=1.0, l2=0.1)       # §4.5's lambdas; lambda_1, lambda_2 ours
     parts = cm.mapping_loss(F_net, E_t, D_t, z_s, y, w)
@@ -77,8 +80,8 @@ def test_each_ablation_removes_exactly_its_term(ablation, removed):
     assert {k for k in full if ablated[k] != full[k]} == removed
     assert all(ablated[k] == 0 for k in removed)
     torch.manual_seed(1)
-    F_net, E_t, D_t = cm.make_F(tiny_args()), cm.mlp(cm.AVATAR_DIM, 3, 4), cm.mlp(4, 3, cm.AVATAR_DIM, "sigmoid")
-    z_s, y = torch.randn(6, 4), torch.rand(6, cm.AVATAR_DIM)
+    F_net, E_t, D_t = cm.make_F(tiny_args()), cm.mlp(va.AVATAR_DIM, 3, 4), cm.mlp(4, 3, va.AVATAR_DIM, "sigmoid")
+    z_s, y = torch.randn(6, 4), torch.rand(6, va.AVATAR_DIM)
     a, b = cm.mapping_loss(F_net, E_t, D_t, z_s, y, full), cm.mapping_loss(F_net, E_t, D_t, z_s, y, ablated)
     z_m, z_t = F_net(z_s), E_t(y)
     dropped = {"c": a["loss_cm"], "w": 10 * a["loss_w"], "l1": ((z_m - z_t) ** 2).mean(),
@@ -91,9 +94,9 @@ def test_each_ablation_removes_exactly_its_term(ablation, removed):
 def test_training_F_leaves_the_frozen_networks_untouched():
     torch.manual_seed(2)
     args = tiny_args()
-    nets = {"E_t": cm.freeze(cm.mlp(cm.AVATAR_DIM, 3, 4)), "D_t": cm.freeze(cm.mlp(4, 3, cm.AVATAR_DIM, "sigmoid"))}
+    nets = {"E_t": cm.freeze(cm.mlp(va.AVATAR_DIM, 3, 4)), "D_t": cm.freeze(cm.mlp(4, 3, va.AVATAR_DIM, "sigmoid"))}
     before = {k: {n: p.clone() for n, p in v.state_dict().items()} for k, v in nets.items()}
-    z_s, y = torch.randn(16, 4), torch.rand(16, cm.AVATAR_DIM)
+    z_s, y = torch.randn(16, 4), torch.rand(16, va.AVATAR_DIM)
     F_net, info = cm.train_mapping("F", args, nets, z_s, y, z_s[:4], y[:4], seed=0)
     for k, v in nets.items():
         assert all(torch.equal(p, before[k][n]) for n, p in v.state_dict().items()), k
@@ -116,7 +119,7 @@ def test_plan_shares_variants_and_subsets_keep_whole_identities():
 
 
 def test_hair_bank_returns_the_nearest_entry():
-    n = len(cm.common.ATTRIBUTE_NAMES)
+    n = len(faces.ATTRIBUTE_NAMES)
     bank_a = torch.zeros(3, n)
     bank_a[1, list(cm.HAIR_ATTRIBUTES)] = 1.0
     bank = {"attributes": bank_a[:, list(cm.HAIR_ATTRIBUTES)], "hair": [{"k": 0}, {"k": 1}, {"k": 2}]}
@@ -181,7 +184,7 @@ def test_apply_writes_json_png_and_svg(dry_run, run, tmp_path, monkeypatch):
               "--apply-size", "96", "--out", str(tmp_path / "apply"))
     assert res.returncode == 0, res.stdout + res.stderr
     rec = json.loads((tmp_path / "apply" / "me.json").read_text())
-    assert len(rec["avatar"]) == 629 and set(rec["groups"]) == set(cm.GROUP_SLICES) and "hairstyle" in rec["hair"]
+    assert len(rec["avatar"]) == 629 and set(rec["groups"]) == set(va.GROUP_SLICES) and "hairstyle" in rec["hair"]
     assert Image.open(tmp_path / "apply" / "me.png").size == (96, 96)
     assert "<svg" in (tmp_path / "apply" / "me.svg").read_text()
 
@@ -201,7 +204,7 @@ def test_bad_flags_are_one_line_errors(run, tmp_path, flags, message):
 
 def test_pairs_file_is_read_and_split_and_bad_lines_are_named(tmp_path):
     from PIL import Image
-    y = cm.avatar_from_identity(cm.common.sample_identity(0, 3))
+    y = va.avatar_from_identity(faces.sample_identity(0, 3))
     lines = []
     for k in range(12):
         Image.fromarray(np.full((40, 40, 3), 10 * k, np.uint8)).save(tmp_path / f"p{k}.png")
@@ -215,6 +218,6 @@ def test_pairs_file_is_read_and_split_and_bad_lines_are_named(tmp_path):
     assert sets["train"]["x"].shape == (10, 3, 32, 32) and sets["test"]["identity"].tolist() == [12]
     assert torch.allclose(sets["val"]["y"][0], torch.from_numpy(y))
     (tmp_path / "bad.jsonl").write_text(lines[0] + "\n" + json.dumps({"photo": "p1.png", "avatar": [0.5] * 3}) + "\n")
-    with pytest.raises(cm.common.UsageError) as err:
+    with pytest.raises(common.UsageError) as err:
         cm.file_pairs(str(tmp_path / "bad.jsonl"), 32)
     assert "line 2: 'avatar' must be 629 numbers" in err.value.message

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from common import (
-    render_photo, sample_identity, sample_nuisance,
+from worlds.faces import render_photo, sample_identity, sample_nuisance
+from worlds.face_nets import (
     DLIB_FACE_NET_NUM_WEIGHTS, DlibFaceNet, count_weights, dlib_model_path, load_dlib_face_net, read_dlib_weights,
     zero_extended_add,
 )

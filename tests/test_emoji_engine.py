@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import common
-import tos_emoji as E
+import worlds.emoji as E
+from worlds import faces
 
 BASE = dict(skin_tone="light", face_shape="oval", hair_style="short", hair_colour="brown", eye_shape="medium_wide",
             iris_colour="blue", eyebrows="thick_level", nose="short_narrow", mouth="wide_full", glasses="none",
@@ -19,9 +19,9 @@ def test_groups_and_dims():
     sizes = [len(v) for v in E.EMOJI_GROUPS.values()]
     assert sizes == [8, 5, 8, 8, 6, 5, 6, 4, 4, 3, 4]
     assert E.CONFIG_DIM == 61 == sum(sizes)
-    assert E.EMOJI_GROUPS["hair_style"] == common.FACE_CATEGORICAL["hair_style"]
-    assert E.EMOJI_GROUPS["glasses"] == common.FACE_CATEGORICAL["glasses"]
-    assert E.EMOJI_GROUPS["facial_hair"] == common.FACE_CATEGORICAL["facial_hair"]
+    assert E.EMOJI_GROUPS["hair_style"] == faces.FACE_CATEGORICAL["hair_style"]
+    assert E.EMOJI_GROUPS["glasses"] == faces.FACE_CATEGORICAL["glasses"]
+    assert E.EMOJI_GROUPS["facial_hair"] == faces.FACE_CATEGORICAL["facial_hair"]
     assert E.GROUP_SLICES["skin_tone"] == slice(0, 8) and E.GROUP_SLICES["facial_hair"] == slice(57, 61)
 
 
@@ -52,14 +52,14 @@ def test_every_group_visible(group):
 
 
 def test_ground_truth_valid():
-    ids = [common.sample_identity(0, i) for i in range(200)]
+    ids = [faces.sample_identity(0, i) for i in range(200)]
     gt = E.ground_truth_configs(ids)
     assert gt.shape == (200, E.CONFIG_DIM) and E.is_valid_config(gt)
     assert np.array_equal(E.ground_truth_config(ids[3]), gt[3])
     d = E.config_to_dict(gt[0])
     for g in ("hair_style", "glasses", "facial_hair"):
         assert d[g] == getattr(ids[0], g)
-    assert np.array_equal(E.ground_truth_config(common.face_attributes(ids[5])), gt[5])
+    assert np.array_equal(E.ground_truth_config(faces.face_attributes(ids[5])), gt[5])
 
 
 def test_decode_noisy_scores():

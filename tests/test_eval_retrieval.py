@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-import common
 import eval_retrieval as er
+from worlds import faces
 
 
 def brute_force_ranks(probe, match, distractors):
@@ -77,8 +77,8 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_dry_run_on_a_synthetic_probe_folder(run, tmp_path, cache):
-    ids = common.split_identity_indices("eval", 6)
-    images, _ = common.render_faces(ids, 2, 64, workers=1, progress=False)
+    ids = faces.split_identity_indices("eval", 6)
+    images, _ = faces.render_faces(ids, 2, 64, workers=1, progress=False)
     x, x2 = images[0::2], images[1::2]
     write_probes(tmp_path / "mine", {"photo_x": x, "photo_x2": x2, "copy_of_x2": x2, "tos_engine": x.flip(3)},
                  [str(i) for i in ids])
@@ -102,11 +102,11 @@ def test_dry_run_on_a_synthetic_probe_folder(run, tmp_path, cache):
 
 def test_a_face_folder_excludes_the_probe_identities_and_warns_about_dlib(run, tmp_path, cache):
     faces = tmp_path / "faces"
-    images, _ = common.render_faces(common.split_identity_indices("val", 5), 2, 150, workers=1, progress=False)
+    images, _ = faces.render_faces(faces.split_identity_indices("val", 5), 2, 150, workers=1, progress=False)
     for k, img in enumerate(images):
         (faces / f"person{k // 2}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(faces / f"person{k // 2}" / f"{k}.png")
-    small = common.resize_images(common.to_float_images(images), 64).add(1).mul(127.5).round().byte()
+    small = faces.resize_images(faces.to_float_images(images), 64).add(1).mul(127.5).round().byte()
     # identities 0 and 1 of the folder are probed; identities 2, 3 and 4 (6 photos) are the distractors
     # tos_emoji writes faces "synthetic" beside a --faces-dir, which wins
     write_probes(tmp_path / "run", {"photo_x": small[[0, 2]], "photo_x2": small[[1, 3]]}, ["0", "1"],

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-import common as fw
+import worlds.faces as fw
 
 
 def test_sample_identity_deterministic_and_seed_dependent():

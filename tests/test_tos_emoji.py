@@ -11,7 +11,10 @@ from PIL import Image
 
 import common
 import tos_emoji
+from worlds import emoji
 from conftest import interrupted_dry_run
+from worlds import face_nets
+from worlds import faces
 
 
 def test_each_loss_term_appears_with_its_weight():
@@ -28,19 +31,19 @@ def test_each_loss_term_appears_with_its_weight():
 
 
 def test_straight_through_gives_e_a_valid_configuration_and_c_a_gradient():
-    scores = torch.tanh(torch.randn(5, tos_emoji.CONFIG_DIM)).requires_grad_()
+    scores = torch.tanh(torch.randn(5, emoji.CONFIG_DIM)).requires_grad_()
     u = tos_emoji.configuration_for_e(scores, "straight_through", 0.2)
-    hard = tos_emoji.decode_config(scores.detach())
-    assert all(tos_emoji.is_valid_config(row) for row in hard.numpy())
+    hard = emoji.decode_config(scores.detach())
+    assert all(emoji.is_valid_config(row) for row in hard.numpy())
     assert torch.allclose(u.detach(), 2 * hard - 1, atol=1e-6)           # e's {-1, 1} scale, nothing in between
-    weights = torch.randn(tos_emoji.CONFIG_DIM)
+    weights = torch.randn(emoji.CONFIG_DIM)
     (u * weights).sum().backward()
     assert scores.grad.abs().sum() > 0                                    # the argmax alone would give none
     soft = scores.detach().clone().requires_grad_()
-    (2 * torch.cat([torch.softmax(soft[:, sl] / 0.2, 1) for sl in tos_emoji.GROUP_SLICES.values()], 1)
+    (2 * torch.cat([torch.softmax(soft[:, sl] / 0.2, 1) for sl in emoji.GROUP_SLICES.values()], 1)
      * weights).sum().backward()
     assert torch.allclose(scores.grad, soft.grad)                         # the softmax's gradient, backward
-    raw = torch.rand(3, tos_emoji.CONFIG_DIM) * 2 - 1
+    raw = torch.rand(3, emoji.CONFIG_DIM) * 2 - 1
     assert torch.equal(tos_emoji.configuration_for_e(raw, "tanh"), raw)  # --c-decode tanh: c's output as it is
 
 
@@ -64,9 +67,9 @@ def test_networks_have_the_papers_shapes():
     g = tos_emoji.NineLayerG(128, (16, 8, 8, 8))
     assert g(torch.randn(2, 128)).shape == (2, 3, 64, 64)
     assert sum(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in g.modules()) == 9
-    dann = tos_emoji.DANN(tos_emoji.CONFIG_DIM).eval()
+    dann = tos_emoji.DANN(emoji.CONFIG_DIM).eval()
     assert dann.p(torch.randn(2, 3, 64, 64)).shape == (2, 2048)  # §6.4.2: "2048-dimensional feature vectors"
-    assert dann(torch.randn(2, 3, 64, 64)).shape == (2, tos_emoji.CONFIG_DIM)
+    assert dann(torch.randn(2, 3, 64, 64)).shape == (2, emoji.CONFIG_DIM)
     d = common.DownscalingEncoder(3, (8, 8, 8, 8, 8), 3, bn_first=False)
     assert d(torch.randn(2, 3, 152, 152)).shape == (2, 3)  # six stride-2 blocks on 152x152 (Table 1)
 
@@ -95,7 +98,7 @@ def test_dry_run_writes_every_method_and_output(dry_run):
     assert {"photo_x", "photo_x2", "manual", "tos_G", "tos_engine", "dtn_e_c_G", "dann_engine"} <= sets
     assert all((out / "probes" / r["file"]).is_file() for r in rows[:20])
     configs = json.loads((out / "configs.json").read_text())
-    assert set(configs["tos"][0]) == set(tos_emoji.EMOJI_GROUPS)
+    assert set(configs["tos"][0]) == set(emoji.EMOJI_GROUPS)
     assert "TOS: engine(c(G(x)))" in stdout
 
 
@@ -107,14 +110,14 @@ def test_fixed_cbar_really_freezes_c(dry_run):
 
 def test_apply_on_a_generated_photo(dry_run, run, tmp_path, monkeypatch):
     out = dry_run.out
-    photo = common.render_photo(common.sample_identity(0, 7), common.canonical_nuisance(), 64)
+    photo = faces.render_photo(faces.sample_identity(0, 7), faces.canonical_nuisance(), 64)
     Image.fromarray(photo).save(tmp_path / "me.png")
     Image.fromarray(np.zeros((100, 80, 3), np.uint8)).save(tmp_path / "scene.png")
     monkeypatch.setenv("AVATAR_REPRO_CACHE", str(dry_run.cache))
     res = run("tos_emoji.py", "--apply", str(tmp_path / "me.png"), "--ckpt", str(out), "--out", str(tmp_path / "a"))
     assert res.returncode == 0, res.stderr
     config = json.loads((tmp_path / "a" / "me_config.json").read_text())["configuration"]
-    assert set(config) == set(tos_emoji.EMOJI_GROUPS)
+    assert set(config) == set(emoji.EMOJI_GROUPS)
     assert Image.open(tmp_path / "a" / "me_avatar.png").size == (256, 256)
     res = run("tos_emoji.py", "--apply", str(tmp_path / "scene.png"), "--ckpt", str(out), "--out",
               str(tmp_path / "b"))
@@ -131,13 +134,13 @@ def test_bad_flags_are_one_line_errors(run, tmp_path):
 
 def test_dry_run_on_a_face_folder_uses_the_dlib_f(run, tmp_path, monkeypatch):
     try:
-        common.dlib_model_path()
+        face_nets.dlib_model_path()
     except RuntimeError as exc:
         pytest.skip(f"the dlib f needs face_recognition_models ({exc})")
     for i in range(10):  # ten people, two aligned 150x150 chips each (rendered: no real data in tests)
         (tmp_path / "faces" / f"p{i}").mkdir(parents=True)
         for j in range(2):
-            photo = common.render_photo(common.sample_identity(0, i), common.sample_nuisance(0, i, j), 150)
+            photo = faces.render_photo(faces.sample_identity(0, i), faces.sample_nuisance(0, i, j), 150)
             Image.fromarray(photo).save(tmp_path / "faces" / f"p{i}" / f"{j}.png")
     monkeypatch.setenv("AVATAR_REPRO_CACHE", str(tmp_path / "cache"))
     res = run("tos_emoji.py", "--dry-run", "--faces-dir", str(tmp_path / "faces"), "--out", str(tmp_path / "r"))
