@@ -1,21 +1,15 @@
-"""What two or more avatar-repro scripts share.
+"""What two or more avatar-repro trainers share, in the order a trainer uses it:
 
-Contents, in the order a training script uses them:
-
-1. Arguments: a ``@dataclass`` of hyperparameters (one docstring under each field, cleanrl style) turned into an
-   argparse parser with presets, and a parser whose errors are one line.
+1. Arguments: a ``@dataclass`` of hyperparameters (a docstring under each field, cleanrl style) as an argparse
+   parser with presets, whose errors are one line.
 2. Device choice and seeding.
-3. Networks: DCGAN-style blocks and the two builders every paper uses (Radford et al. 2015, journal Table 1).
-4. Losses, each citing its equation: the GAN BCE, DTN's ternary L_D and L_GANG, L_CONST, L_TID, L_TV and TOS's L_c.
-5. Run outputs: the run folder with ``config.json``, ``metrics.json`` and ``log.csv``; sample grids; atomic
-   checkpoints; a NaN guard.
+3. Networks: DCGAN-style blocks and the two builders every paper uses (Radford et al. 2015; J Table 1).
+4. Losses, each citing its equation: the GAN BCE, DTN's ternary L_D and L_GANG, L_CONST, L_TID, L_TV, TOS's L_c.
+5. Run outputs: config.json, metrics.json, log.csv, sample grids, probes, atomic checkpoints, a NaN guard.
 6. The run's skeleton: arguments to output folder, then phases of training steps with logging, checkpoints, resume.
-7. Faces, for the face scripts: the synthetic face world (identities with ground-truth attributes, a photo-like
-   renderer, disjoint splits, cached renders), real-face loaders (CelebA, a face folder), dlib's face-recognition
-   ResNet ported to PyTorch (f for real photos), and the synthetic world's own f. ``python common.py --help`` lists
-   the commands that measure them (the world's sheet, render speed, verification accuracy of both f's).
 
-Paper references:
+The simulated worlds the experiments run in (data, engines, face networks) are in ``worlds/``.
+
   DTN   Taigman, Polyak, Wolf. Unsupervised Cross-Domain Image Generation. ICLR 2017 (dtn_iclr2017.txt).
   TOS   Wolf, Taigman, Polyak. Unsupervised Creation of Parameterized Avatars. ICCV 2017 (tos_iccv2017.txt).
   J     The journal version of both (dtn_tos_journal.txt); its Table 1 lists the architectures.
@@ -45,9 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-# ======================================================================================================================
-# 1. Arguments
-# ======================================================================================================================
+# 1. Arguments -------------------------------------------------------------------------------------------------------
 
 
 class UsageError(SystemExit):
@@ -68,8 +60,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def field_docs(cls) -> dict[str, str]:
-    """The docstring written under each field of a dataclass and of the dataclasses it extends, read from their
-    source (cleanrl's convention)."""
+    """The docstring under each field of a dataclass and its bases, read from their source (cleanrl's convention)."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
@@ -107,7 +98,7 @@ class RunArgs:
     ckpt_every: int = 2000
     """write ckpt.pt every N steps (and at the end of each phase, and on Ctrl-C)"""
     interrupt_at: int = -1
-    """(testing) act as if Ctrl-C was pressed after this many steps of the whole run; -1 never"""
+    """(tests only, hidden from --help) act as if Ctrl-C was pressed after this many steps of the run; -1 never"""
 
 
 def auto_preset(args) -> tuple[str, str]:
@@ -134,6 +125,7 @@ def run_main(main, script: str):
 
 
 _UNSET = object()
+HIDDEN = {"interrupt_at"}  # test-only hooks: flags that work but do not appear in --help
 
 
 def _parse_bool(text: str) -> bool:
@@ -154,21 +146,16 @@ def _parse_ints(text: str) -> tuple[int, ...]:
 
 def parse_args(cls, presets: dict[str, dict[str, Any]], auto_preset, argv: Sequence[str] | None = None,
                description: str | None = None):
-    """Build an argparse parser from the dataclass ``cls``; return ``(args, preset, why, given)``: the arguments,
-    the preset's name, why it was chosen, and the names of the fields set on the command line.
-
-    Each field becomes ``--field-name``; its help is the field's docstring and its default the dataclass default
-    (the paper's value). A value is chosen in this order: the command line, then the preset, then the default.
-    ``presets`` maps a preset name to the fields it overrides; ``auto_preset(args)`` returns ``(name, reason)`` for
-    a run without ``--preset``. The dataclass must have a field ``preset: str``.
-    """
+    """The dataclass ``cls`` as flags ``--field-name`` (help: the field's docstring; default: the paper's value).
+    A value comes from the command line, else the preset (``presets[name]`` overrides fields; ``auto_preset(args)``
+    gives ``(name, reason)`` without --preset), else the default. Returns ``(args, preset, why, given)``."""
     docs = field_docs(cls)
     # the script's docstring keeps its lines (its usage commands and its tables); each flag's help is rewrapped
     parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, f in fields.items():
         doc = f"{docs.get(name, '')} (default: {f.default})".replace("%", "%%")
-        kw: dict[str, Any] = dict(dest=name, default=_UNSET, help=doc)
+        kw: dict[str, Any] = dict(dest=name, default=_UNSET, help=argparse.SUPPRESS if name in HIDDEN else doc)
         if name == "preset":
             kw["choices"] = ["auto"] + list(presets)
         if isinstance(f.default, bool):
@@ -201,9 +188,7 @@ def require(ok: bool, message: str):
         raise UsageError(message)
 
 
-# ======================================================================================================================
-# 2. Device and seeding
-# ======================================================================================================================
+# 2. Device and seeding ----------------------------------------------------------------------------------------------
 
 
 def pick_device(name: str) -> torch.device:
@@ -243,9 +228,7 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ======================================================================================================================
-# 3. Networks (DCGAN, Radford et al. 2015; journal Table 1)
-# ======================================================================================================================
+# 3. Networks (DCGAN, Radford et al. 2015; journal Table 1) ----------------------------------------------------------
 
 
 def dcgan_init(module: nn.Module):
@@ -278,12 +261,9 @@ def down_block(c_in: int, c_out: int, bn: bool, last: bool, act: str = "lrelu") 
 
 
 class UpscalingGenerator(nn.Module):
-    """A vector (B, n_in) -> an image (B, out_channels, 4*2^(L-1), 4*2^(L-1)), through L = len(widths)+1 4x4
-    upscaling convolutions with ``widths`` filters, then ``out_channels``.
-
-    Journal Table 1: DCGAN's G, e ("five 4x4 upscaling convolutional layers with 512-256-128-64-3 filters") and the
-    digits g ("four ... with 64-128-256-1"; we list filters in layer order).
-    """
+    """A vector (B, n_in) -> an image (B, out_channels, 4*2^L', 4*2^L'), L' = len(widths), through 4x4 upscaling
+    convolutions with ``widths`` filters, then ``out_channels``. J Table 1: DCGAN's G, e ("five 4x4 upscaling
+    convolutional layers with 512-256-128-64-3 filters") and the digits g; filters in layer order."""
 
     def __init__(self, n_in: int, widths: Sequence[int], out_channels: int):
         super().__init__()
@@ -299,13 +279,9 @@ class UpscalingGenerator(nn.Module):
 
 
 class DownscalingEncoder(nn.Module):
-    """An image (B, in_channels, S, S) -> a vector (B, n_out), through len(widths) stride-2 4x4 convolutions and a
-    last 4x4 convolution without stride or padding (so S = 4 * 2^len(widths)).
-
-    Journal Table 1: d ("4x4 convolutional layers ... batch normalization and a leaky ReLU 0.2 ... stride 2, padding
-    1, except the last one"), and c ("five convolutional layers with 64-128-256-512-813 filters ... Tanh").
-    ``final`` is "tanh" for c's configuration vectors, or "none" for logits and representations.
-    """
+    """An image (B, in_channels, S, S) -> a vector (B, n_out), S = 4 * 2^len(widths): stride-2 4x4 convolutions,
+    then a 4x4 one without stride or padding. J Table 1: d ("... batch normalization and a leaky ReLU 0.2 ... stride
+    2, padding 1, except the last one") and c ("64-128-256-512-813 filters ... Tanh": ``final="tanh"``)."""
 
     def __init__(self, in_channels: int, widths: Sequence[int], n_out: int, bn_first: bool = True,
                  act: str = "lrelu", final: str = "none"):
@@ -334,13 +310,10 @@ def freeze(net: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def recalibrate_batchnorm(net: nn.Module, forward, batches) -> nn.Module:
-    """Recompute the running statistics of every batch-norm layer in ``net`` as the plain average over ``batches``,
-    each fed through ``forward`` (a function that calls ``net``) in training mode; then ``net`` is left in eval mode.
-
-    A generator trained on two domains in separate forward passes (g on f(s) and on f(t), DTN Eq. 4-6) normalises
-    each batch by that batch's own statistics, but its running statistics average the two domains. In eval mode
-    G(s) would then be normalised partly with t's statistics, which is not what was trained. Recalibrating on
-    source batches alone gives the statistics that the source batches had during training."""
+    """Recompute every batch-norm layer's running statistics as the plain average over ``batches``, each fed
+    through ``forward`` (which calls ``net``) in training mode; ``net`` is left in eval mode. g sees f(s) and f(t) in
+    separate batches (DTN Eq. 4-6), so its running statistics mix the two domains; source batches alone give G(s)
+    the statistics it was trained with."""
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in bns]
     for m in bns:
@@ -354,18 +327,14 @@ def recalibrate_batchnorm(net: nn.Module, forward, batches) -> nn.Module:
     return net.eval()
 
 
-# ======================================================================================================================
-# 4. Losses
-# ======================================================================================================================
+# 4. Losses ----------------------------------------------------------------------------------------------------------
 
 
 def gan_d_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
     """The discriminator's side of the binary GAN (DTN Eq. 1, TOS Eq. 7).
 
-    d maximizes log d(x') + log(1 - d(G(x))), i.e. minimizes BCE(d(x'), 1) + BCE(d(G(x)), 0), where ``d_real`` and
-    ``d_fake`` are logits on real samples x' (from t) and on generated samples G(x). Means over the batch stand for
-    the sums over the sets.
-    """
+    d maximizes log d(x') + log(1 - d(G(x))), i.e. minimizes BCE(d(x'), 1) + BCE(d(G(x)), 0), on the logits of
+    real x' (from t) and generated G(x); batch means stand for the sums over the sets."""
     return (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
             + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
 
@@ -381,15 +350,18 @@ def gan_g_loss(d_fake: torch.Tensor) -> torch.Tensor:
 D_FAKE_FROM_S, D_FAKE_FROM_T, D_REAL_T = 0, 1, 2
 
 
+def _ce(logits: torch.Tensor, cls: int) -> torch.Tensor:
+    """Cross-entropy of every row of ``logits`` against the one class ``cls``."""
+    return F.cross_entropy(logits, torch.full((logits.shape[0],), cls, device=logits.device, dtype=torch.long))
+
+
 def dtn_d_loss(d_g_s: torch.Tensor, d_g_t: torch.Tensor, d_t: torch.Tensor) -> torch.Tensor:
     """The DTN discriminator's ternary loss (DTN Eq. 3):
 
         L_D = -E_{x in S} log D_1(g(f(x))) - E_{x in T} log D_2(g(f(x))) - E_{x in T} log D_3(x)
 
     ``d_g_s``, ``d_g_t``, ``d_t`` are (B, 3) logits of D on g(f(s)), g(f(t)) and t."""
-    def ce(logits, cls):
-        return F.cross_entropy(logits, torch.full((logits.shape[0],), cls, device=logits.device, dtype=torch.long))
-    return ce(d_g_s, D_FAKE_FROM_S) + ce(d_g_t, D_FAKE_FROM_T) + ce(d_t, D_REAL_T)
+    return _ce(d_g_s, D_FAKE_FROM_S) + _ce(d_g_t, D_FAKE_FROM_T) + _ce(d_t, D_REAL_T)
 
 
 def dtn_gang_loss(d_g_s: torch.Tensor, d_g_t: torch.Tensor) -> torch.Tensor:
@@ -397,10 +369,7 @@ def dtn_gang_loss(d_g_s: torch.Tensor, d_g_t: torch.Tensor) -> torch.Tensor:
     targets, class 3 of D:
 
         L_GANG = -E_{x in S} log D_3(g(f(x))) - E_{x in T} log D_3(g(f(x)))"""
-    def ce(logits):
-        return F.cross_entropy(logits, torch.full((logits.shape[0],), D_REAL_T, device=logits.device,
-                                                  dtype=torch.long))
-    return ce(d_g_s) + ce(d_g_t)
+    return _ce(d_g_s, D_REAL_T) + _ce(d_g_t, D_REAL_T)
 
 
 def const_loss(f_x: torch.Tensor, f_g_x: torch.Tensor) -> torch.Tensor:
@@ -422,9 +391,8 @@ def tv_loss(z: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
         L_TV(z) = sum_{i,j} ((z_{i,j+1} - z_{i,j})^2 + (z_{i+1,j} - z_{i,j})^2 + eps)^(1/2)
 
-    Deviation: ``eps`` inside the square root. Without it the gradient of sqrt at 0 is infinite and flat image
-    regions give NaN (the third-party reproduction report hit exactly this). Summed over the pixels (and colour
-    channels) of an image, as the paper's sum over i,j; mean over the batch."""
+    Ours: ``eps`` inside the square root, since sqrt's gradient at 0 is infinite (flat regions give NaN). Summed over
+    an image's pixels and channels, as the paper's sum over i,j; mean over the batch."""
     dx = z[..., :-1, 1:] - z[..., :-1, :-1]
     dy = z[..., 1:, :-1] - z[..., :-1, :-1]
     return torch.sqrt(dx * dx + dy * dy + eps).flatten(1).sum(1).mean()
@@ -433,10 +401,9 @@ def tv_loss(z: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 def compliance_loss(g_x: torch.Tensor, e_c_g_x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """e-compliance (TOS Eq. 4 and 5): L_c = sum_x ||G(x) - e(c(G(x)))||^2.
 
-    Both c and G minimize it (TOS Alg. 1, steps 11-12), so neither argument is detached; e is fixed.
-    ``reduction="sum"`` is Eq. 4's squared norm, summed over the pixels of an image; ``"mean"`` divides it by the
-    number of pixels (an MSE, the unit in which the paper quotes e's error and in which we report e-compliance).
-    Either way, the sum over x is the mean over the batch."""
+    Both c and G minimize it (Alg. 1, steps 11-12), so neither argument is detached; e is fixed. ``"sum"``: Eq. 4's
+    squared norm summed over an image's pixels; ``"mean"``: per pixel (an MSE, the unit of the paper's e error).
+    The sum over x is the mean over the batch."""
     sq = (g_x - e_c_g_x).pow(2).flatten(1)
     if reduction == "sum":
         return sq.sum(1).mean()
@@ -445,9 +412,7 @@ def compliance_loss(g_x: torch.Tensor, e_c_g_x: torch.Tensor, reduction: str = "
     raise ValueError(f"reduction must be 'sum' or 'mean', not {reduction!r}")
 
 
-# ======================================================================================================================
-# 5. Run outputs: folder, config, metrics, log, grids, checkpoints, NaN guard
-# ======================================================================================================================
+# 5. Run outputs: folder, config, metrics, log, grids, checkpoints, NaN guard ----------------------------------------
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -521,10 +486,9 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8):
 
 
 def save_probes(out: Path, sets: dict[str, torch.Tensor], identity: list[int]):
-    """Every evaluation face of a face script (tos_emoji, crossmodal_avatar), for eval_retrieval.py:
-    ``probes/<set>/<k>.png`` and ``probes/metadata.csv`` with the columns set, file, identity. The sets
-    ``photo_x`` and ``photo_x2`` are the two photos of each identity (x' joins the retrieval gallery); the others
-    are the probes of each method (see the README). Images are float in [-1, 1]."""
+    """A face script's evaluation images for eval_retrieval.py: ``probes/<set>/<k>.png`` and ``probes/metadata.csv``
+    (set, file, identity). ``photo_x`` and ``photo_x2`` are each identity's two photos (x' joins the gallery); the
+    other sets are the methods' probes. Images are float in [-1, 1]."""
     root = out / "probes"
     rows = ["set,file,identity"]
     for name, images in sets.items():
@@ -542,15 +506,14 @@ def save_checkpoint(path: str | Path, state: dict):
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint written by ``save_checkpoint``; a missing or unreadable file is a one-line usage error.
-    ``path`` may be the file or the run folder holding ``ckpt.pt``."""
+    """A checkpoint of ``save_checkpoint`` (the file, or the run folder holding ``ckpt.pt``); a missing or
+    unreadable file is a one-line usage error."""
     path = Path(path)
     if path.is_dir():
         path = path / "ckpt.pt"
     require(path.is_file(), f"--resume: no checkpoint at {path}")
     try:
-        # Our checkpoints hold numpy RNG state and plain containers besides tensors, hence weights_only=False.
-        # Load only checkpoints you wrote yourself.
+        # numpy RNG state and plain containers besides tensors, hence weights_only=False: load only your own runs
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a truncated or foreign file
         raise UsageError(f"--resume: {path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
@@ -561,10 +524,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 def check_finite(phase: str, step: int, losses: dict[str, float]):
-    """The NaN guard: stop the run, naming the phase, the step and the loss, when a logged loss is NaN or inf.
-
-    Called when losses are logged (it needs their values on the host), so it names the first *logged* step at
-    which the loss is not finite."""
+    """The NaN guard: stop the run, naming the phase, the step and the loss, when a logged loss is NaN or inf
+    (checked when losses are logged, so it names the first logged step that is not finite)."""
     for name, value in losses.items():
         if not math.isfinite(value):
             raise NonFiniteLoss(f"{name} = {value} at {phase} step {step}: stopping (lower the learning rate, "
@@ -605,19 +566,14 @@ class GracefulInterrupt:
         return False
 
 
-# ======================================================================================================================
-# 6. The run's skeleton: arguments to output folder, then phases of training steps with logging, checkpoints, resume
-# ======================================================================================================================
+# 6. The run's skeleton: arguments to output folder, then phases of training steps with logging, checkpoints, resume ---
 
 
 def start_run(script: str, cls, presets: dict, dry_run_sizes: dict, validate, argv=None,
               description: str | None = None):
-    """Arguments, ``--resume``, ``--dry-run``, validation, device and output folder, in that order: nothing is
-    written before every check has passed. Returns ``(args, preset, device, out, ckpt)``; ``ckpt`` is the loaded
-    checkpoint when resuming, else None.
-
-    ``cls`` extends RunArgs. A resumed run uses its saved arguments (only --device and --interrupt-at may change); a
-    dry run shrinks the sizes the user did not set."""
+    """Arguments, ``--resume`` (the saved arguments; only --device may change), ``--dry-run`` (shrinks the sizes not
+    given), validation, device and output folder, in that order: nothing is written before every check has passed.
+    Returns ``(args, preset, device, out, ckpt)``, ``ckpt`` the loaded checkpoint when resuming, else None."""
     args, preset, why, given = parse_args(cls, presets, auto_preset, argv, description=description)
     ckpt = None
     if args.resume:

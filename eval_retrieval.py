@@ -3,9 +3,8 @@ journal's Table 5).
 
 "For each image x in our manually annotated set, we create a gallery s' u x', where x' is the other image of the
 person in x. We then perform retrieval using the VGG face descriptor using either the manually created emoji or G(x)
-as probe." (DTN §5.2.) The rank of x' among the 100,001 gallery faces says how well an avatar identifies its person.
-"The VGG network is used in order to avoid a bias that might be caused by using f both for training ... and for
-evaluation": the descriptor here is never the f that trained the avatars, and it never touches a loss.
+as probe." (DTN §5.2.) "The VGG network is used in order to avoid a bias that might be caused by using f both for
+training ... and for evaluation": the descriptor here is never the f that trained the avatars, and never in a loss.
 
     python eval_retrieval.py --run runs/tos_emoji/<run>                 # the table for a tos_emoji run
     python eval_retrieval.py --run runs/crossmodal_avatar/<run>         # the same for crossmodal_avatar's avatars
@@ -31,24 +30,17 @@ this; so can any method. Identities are the synthetic world's identity indices (
 photos, the identity numbers of ``faces.load_face_folder`` on the same folder (tos_emoji writes those).
 
 Distractors s' and descriptors:
-    synthetic world  s' = photos of the world's ``distractors`` split (identities no other split holds), rendered
-                     once and cached, and so are the descriptor's codes of them. The descriptor is a second
-                     identity network trained by this script (once, then cached) on the ``descriptor`` split: other
-                     identities, another architecture (a plain VGG-like stack, not f's ResNet) and another seed
-                     than tos_emoji's f. It sees photos only.
-    real photos      s' = every photo of the face folder (--faces-dir) or of CelebA (--faces celeba) whose identity
-                     is not an evaluation identity. The descriptor is a user-supplied MobileFaceNet checkpoint
-                     (--descriptor mobilefacenet --descriptor-ckpt; the architecture is below), or dlib's network,
-                     with a warning when the evaluated run used dlib's network as its f.
+    synthetic world  s' = photos of the world's ``distractors`` split, rendered and embedded once, then cached; the
+                     descriptor is a plain CNN (not f's ResNet) trained here once on the ``descriptor`` split
+    real photos      s' = the face folder's (or CelebA's) photos of non-evaluation identities; the descriptor is
+                     face_nets.MobileFaceNet (--descriptor-ckpt) or dlib's network (a warning if it was the run's f)
 
 Deviations from the papers (the README repeats them):
   * The descriptor is not VGG-Face, whose weights cannot be downloaded here: a plain CNN trained on the synthetic
     world's descriptor split (synthetic), or MobileFaceNet / dlib (real photos).
-  * Distractors of the synthetic world are rendered photos of the same world; the paper's were 100,000 random real
-    faces. On a face folder the distractors are that folder's other photos, which the GAN may have seen in s (the
-    paper's s' was "not included in s"); a folder of 6,000 photos cannot hold both apart.
-  * The gallery images are at the probes' resolution (64 px in tos_emoji), and every image is resized to the
-    descriptor's input.
+  * The synthetic world's distractors are rendered photos of that world, not 100,000 random real faces. A face
+    folder's distractors are its other photos, which the GAN may have seen in s: 6,000 photos cannot hold both apart.
+  * Every image is at the probes' resolution (64 px in tos_emoji), resized to the descriptor's input.
 """
 from __future__ import annotations
 
@@ -68,8 +60,7 @@ from PIL import Image
 
 import common
 from common import require
-from worlds import face_nets
-from worlds import faces
+from worlds import face_nets, faces
 
 # ======================================================================================================================
 # Arguments
@@ -109,43 +100,37 @@ class Args:
     most this many"""
     match_set: str = "photo_x2"
     """the set holding x', the other photo of each identity, which joins the gallery"""
-
-    descriptor: str = "auto"
-    """synthetic (a plain CNN trained here on the world's descriptor split), mobilefacenet (--descriptor-ckpt),
-    dlib, or auto (synthetic for the synthetic world, mobilefacenet with --descriptor-ckpt, else dlib)"""
     descriptor_ckpt: str = ""
     """a MobileFaceNet checkpoint (a torch pickle with net_state_dict, 112x96 input): the independent descriptor
     for real photos"""
-    descriptor_identities: int = 1000
-    """identities of the descriptor split that train the synthetic descriptor (16 photos each)"""
-    descriptor_steps: int = 1500
-    """training steps of the synthetic descriptor (ArcFace, batch 128, SGD with a one-cycle schedule)"""
-    descriptor_style_aug: float = 0.0
-    """probability of face_nets.style_augment when training the synthetic descriptor (0: flips only, as VGG-Face was
-    trained on ordinary photos)"""
     batch: int = 512
     """images per forward pass of the descriptor"""
+
+    # Ours: deviations from the papers (docstring, README)
+    descriptor: str = "auto"
+    """ours: the papers use VGG-Face (not available here). synthetic (a plain CNN trained here on the world's
+    descriptor split), mobilefacenet (--descriptor-ckpt), dlib, or auto (synthetic for the synthetic world,
+    mobilefacenet with --descriptor-ckpt, else dlib)"""
+    descriptor_identities: int = 1000
+    """ours: the papers' VGG-Face came trained. Identities of the descriptor split that train the synthetic
+    descriptor (16 photos each)"""
+    descriptor_steps: int = 1500
+    """ours: the papers' VGG-Face came trained. Training steps of the synthetic descriptor (ArcFace, batch 128,
+    SGD with a one-cycle schedule)"""
+    descriptor_style_aug: float = 0.0
+    """ours: the papers' VGG-Face came trained. Probability of face_nets.style_augment when training the synthetic
+    descriptor (0: flips only, as VGG-Face was trained on ordinary photos)"""
 
 
 PRESETS = {"paper": {}, "quick": dict(descriptor_steps=600)}
 DRY_RUN = dict(distractors=64, descriptor_identities=32, descriptor_steps=2)
-
-# The rows of TOS Table 1 (emoji columns; DTN Table 4 is its Manual and DTN G(x) cells): label, the probe sets of
-# the G(x), e(..(x)) and engine columns, and the paper's median ranks out of 100,001 (None: "NA").
-TABLE_ROWS = [
-    ("Manual (the ground-truth emoji, exact)", None, None, "manual", None, 16311),
-    ("DANN", None, "dann_e_c_G", "dann_engine", None, 59625),
-    ("DTN (e(c-bar(..)) for its configuration)", "dtn_G", "dtn_e_c_G", "dtn_engine", 16, 18079),
-    ("TOS", "tos_G", "tos_e_c_G", "tos_engine", 30, 3519),
-    ("TOS fixed c-bar", "tos_fixed_cbar_G", "tos_fixed_cbar_e_c_G", "tos_fixed_cbar_engine", 26, 14990),
-]
 PHOTO_SET = "photo_x"  # the photo x itself: the descriptor's own photo-to-photo retrieval, a reference row
 
 
 def validate(args: Args):
     require(args.run, "--run DIR is required: a tos_emoji or crossmodal_avatar run, or a folder with metadata.csv")
-    require(args.world in ("auto", "synthetic", "folder", "celeba"), "--world must be auto, synthetic, folder or "
-                                                                      "celeba")
+    require(args.world in ("auto", "synthetic", "folder", "celeba"),
+            "--world must be auto, synthetic, folder or celeba")
     require(args.descriptor in ("auto", "synthetic", "mobilefacenet", "dlib"),
             "--descriptor must be auto, synthetic, mobilefacenet or dlib")
     require(args.descriptor != "mobilefacenet" or args.descriptor_ckpt,
@@ -157,6 +142,33 @@ def validate(args: Args):
             "--descriptor-steps must be at least 1 and --descriptor-identities at least 2")
     require(0 <= args.descriptor_style_aug <= 1, "--descriptor-style-aug is a probability, in [0, 1]")
     require(args.batch >= 1, "--batch must be at least 1")
+
+
+def run_faces(run_config: dict) -> str:
+    """Where a run's test photos came from: synthetic, celeba or folder (--faces-dir wins, as in tos_emoji). A
+    crossmodal_avatar run (it has --pairs-file) writes probes of the synthetic world's test identities only."""
+    if "pairs_file" in run_config:
+        return "synthetic"
+    return "folder" if run_config.get("faces_dir") else run_config.get("faces", "synthetic")
+
+
+def resolve_auto(args: Args, given: set) -> dict:
+    """Fill --world, --faces-dir, --world-seed and --descriptor from the run's config.json (a tos_emoji run says
+    where its faces came from); returns that config ({} without one)."""
+    run_config = {}
+    if (Path(args.run) / "config.json").is_file():
+        run_config = json.loads((Path(args.run) / "config.json").read_text())
+    if args.world == "auto":
+        args.world = run_faces(run_config)
+        args.faces_dir = args.faces_dir or run_config.get("faces_dir", "")
+        if "world_seed" in run_config and "world_seed" not in given:
+            args.world_seed = int(run_config["world_seed"])
+    if args.descriptor == "auto":
+        args.descriptor = ("synthetic" if args.world == "synthetic" else
+                           "mobilefacenet" if args.descriptor_ckpt else "dlib")
+    require(args.descriptor != "synthetic" or args.world == "synthetic",
+            "--descriptor synthetic reads synthetic faces only; real photos need mobilefacenet or dlib")
+    return run_config
 
 
 # ======================================================================================================================
@@ -190,6 +202,20 @@ def rank_stats(ranks, gallery_size: int, resamples: int = 2000) -> dict:
     return {"median_rank": float(np.median(r)), "median_rank_ci95": ci95, "mean_rank": float(r.mean()),
             "rank1": float((r <= 1).mean()), "rank5": float((r <= 5).mean()), "probes": int(len(r)),
             "gallery_size": int(gallery_size)}
+
+
+def probe_ranks(code: dict[str, torch.Tensor], code_s: torch.Tensor, args: Args,
+                device: torch.device) -> tuple[dict[str, torch.Tensor], str]:
+    """The ranks of x' for every probe set, and a random-probe row: each identity probed with another identity's
+    photo (x itself when the run has it), which shows what chance is in this gallery. Returns (ranks, that set)."""
+    match, dev_s = code[args.match_set], code_s.to(device)
+    ranks = {name: retrieval_ranks(c.to(device), match, dev_s) for name, c in code.items() if name != args.match_set}
+    chance_set = PHOTO_SET if PHOTO_SET in code else next(n for n in code if n != args.match_set)
+    perm = np.random.default_rng(args.seed).permutation(len(match))
+    other = np.empty_like(perm)
+    other[perm] = np.roll(perm, 1)  # a derangement: nobody is probed with their own image
+    ranks["random_probe"] = retrieval_ranks(code[chance_set][other].to(device), match, dev_s)
+    return ranks, chance_set
 
 
 # ======================================================================================================================
@@ -276,28 +302,20 @@ class Descriptor(nn.Module):
         return F.normalize(self.net(x) + self.net(x.flip(3)), dim=1)
 
 
-def run_faces(run_config: dict) -> str:
-    """Where a run's test photos came from: synthetic, celeba or folder (--faces-dir wins, as in tos_emoji). A
-    crossmodal_avatar run (it has --pairs-file) writes probes of the synthetic world's test identities only."""
-    if "pairs_file" in run_config:
-        return "synthetic"
-    return "folder" if run_config.get("faces_dir") else run_config.get("faces", "synthetic")
-
-
 def load_descriptor(args: Args, run_config: dict, device: torch.device) -> tuple[Descriptor, str, dict]:
     """The independent descriptor (never the run's f), its description and its own check."""
     if args.descriptor == "synthetic":
         cfg = face_nets.FaceNetConfig(arch="plain", split="descriptor", identities=args.descriptor_identities,
-                                   steps=args.descriptor_steps, seed=args.seed,
-                                   world_seed=args.world_seed, style_aug=args.descriptor_style_aug)
+                                      steps=args.descriptor_steps, seed=args.seed,
+                                      world_seed=args.world_seed, style_aug=args.descriptor_style_aug)
         require(cfg.seed != 0 or cfg.arch != "resnet", "the descriptor must differ from tos_emoji's f")
         net, metrics = face_nets.load_face_net(cfg, device)
         return (Descriptor(net).to(device), f"synthetic descriptor (plain CNN, ArcFace, {args.descriptor_steps} "
                 f"steps on the descriptor split, seed {args.seed}; verification {100 * metrics['accuracy']:.2f}% "
                 f"on held-out identities)", metrics)
     if args.descriptor == "mobilefacenet":
-        net = load_mobilefacenet(args.descriptor_ckpt)
-        return (Descriptor(net, mobilefacenet_input).to(device),
+        net = face_nets.load_mobilefacenet(args.descriptor_ckpt)
+        return (Descriptor(net, face_nets.mobilefacenet_input).to(device),
                 f"MobileFaceNet ({args.descriptor_ckpt}; 112x96 input, the SphereFace template)", {})
     if run_faces(run_config) != "synthetic":
         print("warning: the run's f was dlib's network, so dlib as the descriptor is the very bias the papers "
@@ -324,126 +342,21 @@ def distractor_codes(desc: Descriptor, distractors: torch.Tensor, source: str, a
     return code
 
 
-# ======================================================================================================================
-# MobileFaceNet (Chen et al. 2018): the independent descriptor for real photos
-# ======================================================================================================================
-
-
-class ConvBN(nn.Module):
-    """A bias-free convolution, batch norm, and PReLU (none when ``linear``)."""
-
-    def __init__(self, c_in: int, c_out: int, k, stride: int = 1, pad: int = 0, groups: int = 1, linear=False):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, k, stride, pad, groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(c_out)
-        self.prelu = None if linear else nn.PReLU(c_out)
-
-    def forward(self, x):
-        x = self.bn(self.conv(x))
-        return x if self.prelu is None else self.prelu(x)
-
-
-class Bottleneck(nn.Module):
-    """MobileNetV2's inverted residual: 1x1 expansion (x t), BN, PReLU, 3x3 depthwise (stride s), BN, PReLU, 1x1
-    projection, BN; the input is added when the stride is 1 and the width unchanged."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int, t: int):
-        super().__init__()
-        h = c_in * t
-        self.residual = stride == 1 and c_in == c_out
-        self.conv = nn.Sequential(
-            nn.Conv2d(c_in, h, 1, bias=False), nn.BatchNorm2d(h), nn.PReLU(h),
-            nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.PReLU(h),
-            nn.Conv2d(h, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        return x + self.conv(x) if self.residual else self.conv(x)
-
-
-class MobileFaceNet(nn.Module):
-    """MobileFaceNet (Chen et al. 2018): (N, 3, 112, 96) RGB scaled as (pixel - 127.5) / 128 -> a 128-D code.
-
-    conv1     3x3 conv 3->64, stride 2, BN, PReLU                       112x96 -> 56x48
-    dw_conv1  3x3 depthwise, BN, PReLU
-    blocks    bottlenecks (t expansion, c width, n repeats, s stride of the first), the paper's Table 1:
-              (2, 64, 5, 2) 28x24 | (4, 128, 1, 2) 14x12 | (2, 128, 6, 1) | (4, 128, 1, 2) 7x6 | (2, 128, 2, 1)
-    conv2     1x1 conv 128->512, BN, PReLU
-    linear7   global depthwise convolution (7x6 kernel), BN, no activation
-    linear1   1x1 conv 512->128, BN, no activation
-    The layer names are those of the public CASIA-WebFace checkpoint (Xiaoccer/MobileFaceNet_Pytorch)."""
-
-    SETTING = [(2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1)]
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = ConvBN(3, 64, 3, 2, 1)
-        self.dw_conv1 = ConvBN(64, 64, 3, 1, 1, groups=64)
-        layers, c_in = [], 64
-        for t, c, n, s in self.SETTING:
-            for i in range(n):
-                layers.append(Bottleneck(c_in, c, s if i == 0 else 1, t))
-                c_in = c
-        self.blocks = nn.Sequential(*layers)
-        self.conv2 = ConvBN(128, 512, 1)
-        self.linear7 = ConvBN(512, 512, (7, 6), groups=512, linear=True)
-        self.linear1 = ConvBN(512, 128, 1, linear=True)
-
-    def forward(self, x):
-        return self.linear1(self.linear7(self.conv2(self.blocks(self.dw_conv1(self.conv1(x)))))).flatten(1)
-
-
-def load_mobilefacenet(path: str) -> MobileFaceNet:
-    """A MobileFaceNet with the weights of ``path`` (``{'net_state_dict': ...}`` or a bare state dict), in eval
-    mode; a file that is not such a checkpoint is a one-line error."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # a pickle: load only files you trust
-    except Exception as exc:
-        raise common.UsageError(f"--descriptor-ckpt: cannot read {path} ({type(exc).__name__})") from None
-    state = ckpt.get("net_state_dict", ckpt) if isinstance(ckpt, dict) else None
-    net = MobileFaceNet()
-    want = net.state_dict()
-    require(isinstance(state, dict) and set(state) == set(want)
-            and all(tuple(state[k].shape) == tuple(v.shape) for k, v in want.items()),
-            f"--descriptor-ckpt: {path} is not a MobileFaceNet checkpoint (its weights do not fit the architecture)")
-    net.load_state_dict(state, strict=True)
-    return common.freeze(net.eval())
-
-
-# dlib's chip (get_face_chip, padding 0.25) frames its 68-point mean face as (m + 0.25) / 1.5 of the side. Five of
-# its points, as fractions of the side: the eye centres (the means of points 36-41 and 42-47), the nose tip (30)
-# and the mouth corners (48, 54), the image's left first.
-DLIB_CHIP_POINTS = torch.tensor([[0.225492, 0.215990], [0.754761, 0.215990], [0.490127, 0.515625],
-                                 [0.254149, 0.780233], [0.726104, 0.780233]], dtype=torch.float64)
-# The same five points in SphereFace's 96 x 112 crop (1-based pixel coordinates), the input MobileFaceNet expects.
-SPHEREFACE_POINTS = torch.tensor([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366],
-                                  [33.5493, 92.3655], [62.7299, 92.2041]], dtype=torch.float64)
-
-
-def mobilefacenet_input(chips: torch.Tensor) -> torch.Tensor:
-    """dlib-framed chips (N, 3, S, S) in [-1, 1], any S, -> MobileFaceNet's (N, 3, 112, 96) input.
-
-    The crop is the least-squares similarity from SphereFace's five template points to the same points of dlib's
-    chip: one crop pixel is 1.449 chip pixels at S = 150, rotation 0.3 degrees, residual 2.2 chip pixels. The top
-    ~19 rows of the crop lie above the chip and repeat its top edge. Bilinear sampling; x * 127.5 / 128 then gives
-    the network's (pixel - 127.5) / 128."""
-    h, w = 112, 96
-    src = SPHEREFACE_POINTS - 0.5                                      # pixel centres, 0-based, continuous
-    dst = (DLIB_CHIP_POINTS + 0.25) / 1.5 + 0.5 / 150                  # fractions of the chip's side
-    u, v = src[:, 0], src[:, 1]
-    one, zero = torch.ones_like(u), torch.zeros_like(u)
-    A = torch.cat([torch.stack([u, -v, one, zero], 1), torch.stack([v, u, zero, one], 1)])
-    a, b, tx, ty = torch.linalg.lstsq(A, torch.cat([dst[:, 0], dst[:, 1]])[:, None]).solution[:, 0]
-    to_chip = torch.tensor([[a, -b, tx], [b, a, ty]])                  # crop pixels -> chip fractions
-    to_px = torch.tensor([[w / 2, 0, w / 2], [0, h / 2, h / 2], [0, 0, 1]], dtype=torch.float64)
-    theta = 2 * to_chip @ to_px                                        # crop [-1, 1] -> chip [-1, 1]
-    theta[:, 2] -= 1
-    theta = theta.to(chips).expand(len(chips), 2, 3)
-    grid = F.affine_grid(theta, [len(chips), 3, h, w], align_corners=False)
-    return F.grid_sample(chips, grid, mode="bilinear", padding_mode="border", align_corners=False) * (127.5 / 128)
+def distractor_check(code_s: torch.Tensor, identity: np.ndarray | None, size: int, seed: int) -> dict:
+    """Real photos: the descriptor's own verification (LFW's 10-fold protocol) on the distractors, at the probes'
+    resolution, so that a wrong crop or a foreign checkpoint shows before any table is read. {} when s' holds no
+    two photos of one person (the synthetic world)."""
+    counts = np.unique(identity, return_counts=True)[1] if identity is not None else []
+    if not (len(counts) >= 2 and counts.max() >= 2):
+        return {}
+    v = face_nets.verification_accuracy(code_s, identity, n_pairs=min(3000, len(code_s)), seed=seed)
+    print(f"descriptor check: verification {100 * v['accuracy']:.2f}% (± {100 * v['accuracy_std']:.2f}, "
+          f"{v['folds']} folds, {v['pairs']} pairs of distractor photos at {size} px)")
+    return {"distractor_verification": v}
 
 
 # ======================================================================================================================
-# The run: probes, gallery, ranks, tables
+# The run: probes, gallery, ranks; then ranks.csv and the table
 # ======================================================================================================================
 
 
@@ -454,19 +367,7 @@ def main(argv=None):
         args = dataclasses.replace(args, **{k: v for k, v in DRY_RUN.items() if k not in given})
     validate(args)
     device = common.pick_device(args.device)
-    run_config = {}
-    if (Path(args.run) / "config.json").is_file():  # a tos_emoji run says where its faces came from
-        run_config = json.loads((Path(args.run) / "config.json").read_text())
-    if args.world == "auto":
-        args.world = run_faces(run_config)
-        args.faces_dir = args.faces_dir or run_config.get("faces_dir", "")
-        if "world_seed" in run_config and "world_seed" not in given:
-            args.world_seed = int(run_config["world_seed"])
-    if args.descriptor == "auto":
-        args.descriptor = ("synthetic" if args.world == "synthetic" else
-                           "mobilefacenet" if args.descriptor_ckpt else "dlib")
-    require(args.descriptor != "synthetic" or args.world == "synthetic",
-            "--descriptor synthetic reads synthetic faces only; real photos need mobilefacenet or dlib")
+    run_config = resolve_auto(args, given)
     meta, sets, identity, files = read_probes(args.run, args.match_set)
     out = Path(args.out) if args.out else Path(args.run) / "retrieval"
     out.mkdir(parents=True, exist_ok=True)
@@ -477,8 +378,9 @@ def main(argv=None):
     # Data: the probes, and the gallery s' u {x'}
     size = sets[args.match_set].shape[-1]
     distractors, distractor_identity, source = load_distractors(args, identity, size)
+    gallery = len(distractors) + 1
     print(f"probes: {len(identity)} identities, sets {', '.join(sets)} ({meta})")
-    print(f"distractors: {source}; gallery size {len(distractors) + 1:,}")
+    print(f"distractors: {source}; gallery size {gallery:,}")
 
     # The descriptor: an independent face network, never the f of the run, never in a loss
     common.seed_everything(args.seed)
@@ -486,34 +388,15 @@ def main(argv=None):
     print(f"descriptor: {desc_name}")
     code = {name: face_nets.embed(desc, images, args.batch, device) for name, images in sets.items()}
     code_s = distractor_codes(desc, distractors, source, args, device)
-    counts = np.unique(distractor_identity, return_counts=True)[1] if distractor_identity is not None else []
-    if len(counts) >= 2 and counts.max() >= 2:
-        # real photos: the descriptor's own verification (LFW's 10-fold protocol) on the distractors, at the
-        # probes' resolution, so that a wrong crop or a foreign checkpoint shows before any table is read
-        desc_metrics = {**desc_metrics, "distractor_verification": face_nets.verification_accuracy(
-            code_s, distractor_identity, n_pairs=min(3000, len(code_s)), seed=args.seed)}
-        v = desc_metrics["distractor_verification"]
-        print(f"descriptor check: verification {100 * v['accuracy']:.2f}% (± {100 * v['accuracy_std']:.2f}, "
-              f"{v['folds']} folds, {v['pairs']} pairs of distractor photos at {size} px)")
+    desc_metrics = {**desc_metrics, **distractor_check(code_s, distractor_identity, size, args.seed)}
 
-    # Ranks of x' for every probe set, and a random-probe row: each identity probed with another identity's photo
-    gallery = len(distractors) + 1
-    dev_s = code_s.to(device)
-    ranks = {name: retrieval_ranks(c.to(device), code[args.match_set], dev_s)
-             for name, c in code.items() if name != args.match_set}
-    chance_set = PHOTO_SET if PHOTO_SET in code else next(n for n in code if n != args.match_set)
-    perm = np.random.default_rng(args.seed).permutation(len(identity))
-    other = np.empty_like(perm)
-    other[perm] = np.roll(perm, 1)  # a derangement: nobody is probed with their own image
-    ranks["random_probe"] = retrieval_ranks(code[chance_set][other].to(device), code[args.match_set], dev_s)
+    # Ranks of x' for every probe set and the random probe, and their statistics
+    ranks, chance_set = probe_ranks(code, code_s, args, device)
     stats = {name: rank_stats(r, gallery) for name, r in ranks.items()}
 
     # Outputs: ranks.csv, table.md, metrics.json
     wall = time.time() - t0
-    header = ["file", "identity", *ranks]
-    common.atomic_write(out / "ranks.csv", lambda tmp: Path(tmp).write_text(
-        "\n".join([",".join(header)] + [",".join([files[i], identity[i], *(str(int(r[i])) for r in ranks.values())])
-                                         for i in range(len(identity))]) + "\n"))
+    write_ranks(out / "ranks.csv", files, identity, ranks)
     table = results_table(stats, gallery, chance_set, desc_name, source)
     (out / "table.md").write_text(table + "\n")
     common.write_json(out / "metrics.json", {
@@ -526,32 +409,53 @@ def main(argv=None):
     return 0
 
 
+def write_ranks(path: Path, files: list[str], identity: list[str], ranks: dict[str, torch.Tensor]):
+    """One line per identity: its x' file, its identity, and its rank in every probe set."""
+    lines = [",".join(["file", "identity", *ranks])]
+    lines += [",".join([files[i], identity[i], *(str(int(r[i])) for r in ranks.values())])
+              for i in range(len(identity))]
+    common.atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+
+
+# The rows of TOS Table 1 (emoji columns; DTN Table 4 is its Manual and DTN G(x) cells): label, the probe sets of
+# the G(x), e(..(x)) and engine columns, and the paper's median ranks out of 100,001 (None: "NA").
+TABLE_ROWS = [
+    ("Manual (the ground-truth emoji, exact)", None, None, "manual", None, 16311),
+    ("DANN", None, "dann_e_c_G", "dann_engine", None, 59625),
+    ("DTN (e(c-bar(..)) for its configuration)", "dtn_G", "dtn_e_c_G", "dtn_engine", 16, 18079),
+    ("TOS", "tos_G", "tos_e_c_G", "tos_engine", 30, 3519),
+    ("TOS fixed c-bar", "tos_fixed_cbar_G", "tos_fixed_cbar_e_c_G", "tos_fixed_cbar_engine", 26, 14990),
+]
+
+
+def median_cell(stats: dict, name: str | None) -> str:
+    """A set's median rank for the table: "NA" for a column the method has not, "" for a set the run has not."""
+    if name is None:
+        return "NA"
+    if name not in stats:
+        return ""
+    v = stats[name]["median_rank"]
+    return f"{v:,.0f}" if v == int(v) else f"{v:,.1f}"
+
+
 def results_table(stats: dict, gallery: int, chance_set: str, desc_name: str, source: str) -> str:
     """TOS Table 1's emoji columns beside ours (median rank), then every probe set in full."""
-    def med(name):
-        if name not in stats:
-            return ""
-        v = stats[name]["median_rank"]
-        return f"{v:,.0f}" if v == int(v) else f"{v:,.1f}"
-
-    def paper(v):
-        return "NA" if v is None else f"{v:,}"
-
     lines = [f"Median rank of x' in a gallery of {gallery:,} faces (the paper's: 100,001). Descriptor: {desc_name}. "
              f"Distractors: {source}.", "",
              "| method | G(x) | e(..(x)) | engine(..(x)) | paper G(x) | paper e(..(x)) |", "|---|---|---|---|---|---|"]
     for label, g, e, engine, p_g, p_e in TABLE_ROWS:
         if any(s in stats for s in (g, e, engine) if s):
-            lines.append(f"| {label} | {med(g) if g else 'NA'} | {med(e) if e else 'NA'} | {med(engine)} | "
-                         f"{paper(p_g)} | {paper(p_e)} |")
-    lines.append(f"| random probe (another identity's {chance_set}) | | | {med('random_probe')} | | |")
+            paper_g, paper_e = ("NA" if p is None else f"{p:,}" for p in (p_g, p_e))
+            lines.append(f"| {label} | {median_cell(stats, g)} | {median_cell(stats, e)} | "
+                         f"{median_cell(stats, engine)} | {paper_g} | {paper_e} |")
+    lines.append(f"| random probe (another identity's {chance_set}) | | | {median_cell(stats, 'random_probe')} | | |")
     if PHOTO_SET in stats:
-        lines.append(f"| the photo x itself (reference) | | | {med(PHOTO_SET)} | | |")
+        lines.append(f"| the photo x itself (reference) | | | {median_cell(stats, PHOTO_SET)} | | |")
     lines += ["", "| probe set | median rank | its 95% bootstrap interval | mean rank | rank-1 | rank-5 | probes |",
               "|---|---|---|---|---|---|---|"]
     for name, s in stats.items():
         lo, hi = s["median_rank_ci95"]
-        lines.append(f"| {name} | {med(name)} | {lo:,.0f}-{hi:,.0f} | {s['mean_rank']:,.1f} | "
+        lines.append(f"| {name} | {median_cell(stats, name)} | {lo:,.0f}-{hi:,.0f} | {s['mean_rank']:,.1f} | "
                      f"{100 * s['rank1']:.1f}% | {100 * s['rank5']:.1f}% | {s['probes']} |")
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import eval_retrieval as er
-from worlds import faces
+from worlds import face_nets, faces
 
 
 def brute_force_ranks(probe, match, distractors):
@@ -101,16 +101,16 @@ def test_dry_run_on_a_synthetic_probe_folder(run, tmp_path, cache):
 
 
 def test_a_face_folder_excludes_the_probe_identities_and_warns_about_dlib(run, tmp_path, cache):
-    faces = tmp_path / "faces"
+    folder = tmp_path / "faces"
     images, _ = faces.render_faces(faces.split_identity_indices("val", 5), 2, 150, workers=1, progress=False)
     for k, img in enumerate(images):
-        (faces / f"person{k // 2}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(faces / f"person{k // 2}" / f"{k}.png")
+        (folder / f"person{k // 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"person{k // 2}" / f"{k}.png")
     small = faces.resize_images(faces.to_float_images(images), 64).add(1).mul(127.5).round().byte()
     # identities 0 and 1 of the folder are probed; identities 2, 3 and 4 (6 photos) are the distractors
     # tos_emoji writes faces "synthetic" beside a --faces-dir, which wins
     write_probes(tmp_path / "run", {"photo_x": small[[0, 2]], "photo_x2": small[[1, 3]]}, ["0", "1"],
-                 {"faces": "synthetic", "faces_dir": str(faces)})
+                 {"faces": "synthetic", "faces_dir": str(folder)})
     r = run("eval_retrieval.py", "--run", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     assert "warning: the run's f was dlib's network" in r.stdout
@@ -150,24 +150,24 @@ def test_a_missing_identity_or_an_unreadable_image_is_one_line(run, tmp_path):
 
 
 def test_mobilefacenet_shapes_checkpoint_and_crop(tmp_path):
-    net = er.MobileFaceNet().eval()
+    net = face_nets.MobileFaceNet().eval()
     with torch.no_grad():
         assert net(torch.randn(2, 3, 112, 96)).shape == (2, 128)
     torch.save({"epoch": 1, "net_state_dict": net.state_dict()}, tmp_path / "mfn.ckpt")
-    again = er.load_mobilefacenet(str(tmp_path / "mfn.ckpt"))
+    again = face_nets.load_mobilefacenet(str(tmp_path / "mfn.ckpt"))
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
     torch.save({"net_state_dict": {"conv1.conv.weight": torch.zeros(1)}}, tmp_path / "bad.ckpt")
     with pytest.raises(SystemExit):
-        er.load_mobilefacenet(str(tmp_path / "bad.ckpt"))
+        face_nets.load_mobilefacenet(str(tmp_path / "bad.ckpt"))
     # a bright dot on the chip's left eye lands on the SphereFace template's left eye (within 2 crop pixels;
     # the similarity fits the five points with a residual of about 1.5 crop pixels)
     chip = -torch.ones(1, 3, 150, 150)
-    ex, ey = ((er.DLIB_CHIP_POINTS[0] + 0.25) / 1.5 * 150).long().tolist()
+    ex, ey = ((face_nets.DLIB_CHIP_POINTS[0] + 0.25) / 1.5 * 150).long().tolist()
     chip[:, :, ey - 2:ey + 3, ex - 2:ex + 3] = 1
-    crop = er.mobilefacenet_input(chip)
+    crop = face_nets.mobilefacenet_input(chip)
     assert crop.shape == (1, 3, 112, 96)
     w = (crop[0, 0] + 1 - 0.1).clamp(min=0)  # the dot's brightness, 0 on the background (-0.996 after scaling)
     y = float((w.sum(1) * torch.arange(112)).sum() / w.sum())
     x = float((w.sum(0) * torch.arange(96)).sum() / w.sum())
-    tx, ty = (er.SPHEREFACE_POINTS[0] - 1).tolist()
+    tx, ty = (face_nets.SPHEREFACE_POINTS[0] - 1).tolist()
     assert abs(x - tx) <= 2 and abs(y - ty) <= 2, (x, y, tx, ty)

@@ -1,6 +1,6 @@
-"""The face networks f: dlib's face-recognition ResNet in PyTorch with a reader of dlib's model file (f for real
-photos), and the synthetic world's own identity network with its trainer and verification (f for the synthetic
-world)."""
+"""The face networks: dlib's face-recognition ResNet in PyTorch with a reader of dlib's model file (f for real
+photos); the synthetic world's own identity network with its trainer and verification (f for the synthetic world);
+and MobileFaceNet, eval_retrieval's independent descriptor for real photos (never an f)."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,18 +17,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (atomic_write, freeze, require,
-                    seed_everything)
+from common import UsageError, atomic_write, freeze, require, seed_everything
 from worlds.faces import FACE_WORLD_VERSION, cache_dir, resize_images, synthetic_faces, to_float_images
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 7d. f for real faces: dlib's face-recognition ResNet (dlib_face_recognition_resnet_model_v1) in PyTorch
-# ----------------------------------------------------------------------------------------------------------------------
+# f for real faces: dlib's face-recognition ResNet (dlib_face_recognition_resnet_model_v1) in PyTorch ------------------
 # dlib's face-recognition ResNet (``dlib_face_recognition_resnet_model_v1``) in PyTorch.
 #
 # The network is dlib's ``anet_type`` from ``examples/dnn_face_recognition_ex.cpp`` (dlib, Boost licence; the trained
-# weights are CC0 and ship in the ``face_recognition_models`` package). This file holds our own re-implementation, written
-# from the facts of dlib's source, and a reader of dlib's serialisation format that does not need dlib.
+# weights are CC0 and ship in the ``face_recognition_models`` package). This file holds our own re-implementation,
+# written from the facts of dlib's source, and a reader of dlib's serialisation format that does not need dlib.
 #
 # The dlib network type, input to output::
 #
@@ -461,9 +458,7 @@ def load_dlib_face_net(path: str | Path | None = None, device: str | torch.devic
     return net.to(device).eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 7e. The synthetic world's f: a small identity network trained on the f split (DeepFace's role), and verification
-# ----------------------------------------------------------------------------------------------------------------------
+# The synthetic world's f: an identity network trained on the f split (DeepFace's role), and verification --------------
 
 
 class _ResBlock(nn.Module):
@@ -557,7 +552,8 @@ def verification_accuracy(code: torch.Tensor, identity, n_pairs: int = 3000, see
         return float(((dist[k] < t) == same[k]).mean())
 
     if threshold is not None:
-        return {"accuracy": acc(threshold, slice(None)), "threshold": threshold, "tpr": float((dist[same] < threshold).mean()),
+        return {"accuracy": acc(threshold, slice(None)), "threshold": threshold,
+                "tpr": float((dist[same] < threshold).mean()),
                 "tnr": float((dist[~same] >= threshold).mean()), "pairs": 2 * n_pairs}
     order = np.random.default_rng(seed + 1).permutation(len(dist))
     candidates = np.unique(dist)
@@ -713,3 +709,116 @@ def load_face_net(cfg: FaceNetConfig = FaceNetConfig(), device: torch.device | s
     return net, metrics
 
 
+# An independent descriptor for real faces: MobileFaceNet (Chen et al. 2018), eval_retrieval's, never an f -------------
+
+
+class ConvBN(nn.Module):
+    """A bias-free convolution, batch norm, and PReLU (none when ``linear``)."""
+
+    def __init__(self, c_in: int, c_out: int, k, stride: int = 1, pad: int = 0, groups: int = 1, linear=False):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, k, stride, pad, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.prelu = None if linear else nn.PReLU(c_out)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return x if self.prelu is None else self.prelu(x)
+
+
+class Bottleneck(nn.Module):
+    """MobileNetV2's inverted residual: 1x1 expansion (x t), BN, PReLU, 3x3 depthwise (stride s), BN, PReLU, 1x1
+    projection, BN; the input is added when the stride is 1 and the width unchanged."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, t: int):
+        super().__init__()
+        h = c_in * t
+        self.residual = stride == 1 and c_in == c_out
+        self.conv = nn.Sequential(
+            nn.Conv2d(c_in, h, 1, bias=False), nn.BatchNorm2d(h), nn.PReLU(h),
+            nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.PReLU(h),
+            nn.Conv2d(h, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class MobileFaceNet(nn.Module):
+    """MobileFaceNet (Chen et al. 2018): (N, 3, 112, 96) RGB scaled as (pixel - 127.5) / 128 -> a 128-D code.
+
+    conv1     3x3 conv 3->64, stride 2, BN, PReLU                       112x96 -> 56x48
+    dw_conv1  3x3 depthwise, BN, PReLU
+    blocks    bottlenecks (t expansion, c width, n repeats, s stride of the first), the paper's Table 1:
+              (2, 64, 5, 2) 28x24 | (4, 128, 1, 2) 14x12 | (2, 128, 6, 1) | (4, 128, 1, 2) 7x6 | (2, 128, 2, 1)
+    conv2     1x1 conv 128->512, BN, PReLU
+    linear7   global depthwise convolution (7x6 kernel), BN, no activation
+    linear1   1x1 conv 512->128, BN, no activation
+    The layer names are those of the public CASIA-WebFace checkpoint (Xiaoccer/MobileFaceNet_Pytorch)."""
+
+    SETTING = [(2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1)]
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = ConvBN(3, 64, 3, 2, 1)
+        self.dw_conv1 = ConvBN(64, 64, 3, 1, 1, groups=64)
+        layers, c_in = [], 64
+        for t, c, n, s in self.SETTING:
+            for i in range(n):
+                layers.append(Bottleneck(c_in, c, s if i == 0 else 1, t))
+                c_in = c
+        self.blocks = nn.Sequential(*layers)
+        self.conv2 = ConvBN(128, 512, 1)
+        self.linear7 = ConvBN(512, 512, (7, 6), groups=512, linear=True)
+        self.linear1 = ConvBN(512, 128, 1, linear=True)
+
+    def forward(self, x):
+        return self.linear1(self.linear7(self.conv2(self.blocks(self.dw_conv1(self.conv1(x)))))).flatten(1)
+
+
+def load_mobilefacenet(path: str) -> MobileFaceNet:
+    """A MobileFaceNet with the weights of ``path`` (``{'net_state_dict': ...}`` or a bare state dict), in eval
+    mode; a file that is not such a checkpoint is a one-line error."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # a pickle: load only files you trust
+    except Exception as exc:
+        raise UsageError(f"--descriptor-ckpt: cannot read {path} ({type(exc).__name__})") from None
+    state = ckpt.get("net_state_dict", ckpt) if isinstance(ckpt, dict) else None
+    net = MobileFaceNet()
+    want = net.state_dict()
+    require(isinstance(state, dict) and set(state) == set(want)
+            and all(tuple(state[k].shape) == tuple(v.shape) for k, v in want.items()),
+            f"--descriptor-ckpt: {path} is not a MobileFaceNet checkpoint (its weights do not fit the architecture)")
+    net.load_state_dict(state, strict=True)
+    return freeze(net.eval())
+
+
+# dlib's chip (get_face_chip, padding 0.25) frames its 68-point mean face as (m + 0.25) / 1.5 of the side. Five of
+# its points, as fractions of the side: the eye centres (the means of points 36-41 and 42-47), the nose tip (30)
+# and the mouth corners (48, 54), the image's left first.
+DLIB_CHIP_POINTS = torch.tensor([[0.225492, 0.215990], [0.754761, 0.215990], [0.490127, 0.515625],
+                                 [0.254149, 0.780233], [0.726104, 0.780233]], dtype=torch.float64)
+# The same five points in SphereFace's 96 x 112 crop (1-based pixel coordinates), the input MobileFaceNet expects.
+SPHEREFACE_POINTS = torch.tensor([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366],
+                                  [33.5493, 92.3655], [62.7299, 92.2041]], dtype=torch.float64)
+
+
+def mobilefacenet_input(chips: torch.Tensor) -> torch.Tensor:
+    """dlib-framed chips (N, 3, S, S) in [-1, 1], any S, -> MobileFaceNet's (N, 3, 112, 96) input.
+
+    The crop is the least-squares similarity from SphereFace's five template points to the same points of dlib's
+    chip. The crop's top rows lie above the chip, so the sampling repeats the chip's top edge there. Bilinear
+    sampling; x * 127.5 / 128 then gives the network's (pixel - 127.5) / 128."""
+    h, w = 112, 96
+    src = SPHEREFACE_POINTS - 0.5                                      # pixel centres, 0-based, continuous
+    dst = (DLIB_CHIP_POINTS + 0.25) / 1.5 + 0.5 / 150                  # fractions of the chip's side
+    u, v = src[:, 0], src[:, 1]
+    one, zero = torch.ones_like(u), torch.zeros_like(u)
+    A = torch.cat([torch.stack([u, -v, one, zero], 1), torch.stack([v, u, zero, one], 1)])
+    a, b, tx, ty = torch.linalg.lstsq(A, torch.cat([dst[:, 0], dst[:, 1]])[:, None]).solution[:, 0]
+    to_chip = torch.tensor([[a, -b, tx], [b, a, ty]])                  # crop pixels -> chip fractions
+    to_px = torch.tensor([[w / 2, 0, w / 2], [0, h / 2, h / 2], [0, 0, 1]], dtype=torch.float64)
+    theta = 2 * to_chip @ to_px                                        # crop [-1, 1] -> chip [-1, 1]
+    theta[:, 2] -= 1
+    theta = theta.to(chips).expand(len(chips), 2, 3)
+    grid = F.affine_grid(theta, [len(chips), 3, h, w], align_corners=False)
+    return F.grid_sample(chips, grid, mode="bilinear", padding_mode="border", align_corners=False) * (127.5 / 128)

@@ -1,5 +1,23 @@
-"""The synthetic face world (the face scripts' embedded default), its disjoint splits and cached renders, and the
-real-face loaders (CelebA, a folder of face chips)."""
+"""The synthetic face world, the face scripts' embedded default; its disjoint splits and cached renders; and the
+real-face loaders (CelebA through torchvision, a folder of aligned face chips).
+
+The papers train on a million unlabelled face photos, with DeepFace (trained on four million labelled ones) as f.
+Offline, the face scripts run on this world, which knows the truth about every face; its f is trained on its own
+labelled split (worlds/face_nets.py). With real photos, f is dlib's face-recognition ResNet (worlds/face_nets.py).
+
+The world: a procedural renderer of face "photos" in the framing of a dlib face chip (``get_face_chip`` with padding
+0.25: the landmark box fills the central ~2/3 of the chip, eyes on a horizontal line at ~0.38 of the height). Every
+face is drawn from a :class:`FaceIdentity` (shape, colours, hair style, glasses, facial hair; all named, all ground
+truth) and a :class:`FaceNuisance` (small similarity transform, lighting, expression, background, camera noise and
+blur). One identity's images differ only by nuisance; different identities differ in geometry, colours and
+categorical features.
+
+Rendering is pure numpy (float32, planar RGB) with analytic anti-aliasing: every part is an implicit shape with a
+signed distance ``d`` (< 0 inside) turned into coverage by a one-pixel linear ramp. The face is lit as a shaded
+ellipsoid plus Gaussian height bumps (nose, brows, cheeks, lips, chin, eye sockets) with wrap-Lambert + ambient +
+Blinn specular, in linear light (albedo squared, sqrt at the end). Skin, hair and beard textures come from fixed noise
+tables sampled at identity-seeded offsets, so an identity's texture is the same in all its images.
+"""
 from __future__ import annotations
 
 import math
@@ -14,39 +32,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from common import (UsageError, atomic_write, require)
+from common import UsageError, atomic_write, require
 
-# ======================================================================================================================
-# 7. Faces: the synthetic face world, real-face loaders, and f (tos_emoji, crossmodal_avatar, eval_retrieval)
-# ======================================================================================================================
-#
-# The papers train on a million unlabelled face photos, with DeepFace (trained on four million labelled ones) as f.
-# Offline, the face scripts run by default on a synthetic world that knows the truth about every face (7a, 7b),
-# with an f trained here on its labelled split (7e). With real photos (7c), f is dlib's face-recognition ResNet,
-# ported to PyTorch and loaded from dlib's own model file (7d).
-
-# ----------------------------------------------------------------------------------------------------------------------
-# 7a. The synthetic face world: identities with named ground-truth attributes, nuisances, a photo-like renderer
-# ----------------------------------------------------------------------------------------------------------------------
-# Synthetic face-photo world with ground-truth identity attributes.
-#
-# A procedural renderer for face "photos" in the framing of a dlib face chip (``get_face_chip`` with
-# padding 0.25: the landmark box fills the central ~2/3 of the chip, eyes on a horizontal line at ~0.38
-# of the height).  Every face is drawn from a :class:`FaceIdentity` (shape, colours, hair style, glasses,
-# facial hair; all named, all ground truth) and a :class:`FaceNuisance` (small similarity transform,
-# lighting, expression, background, camera noise and blur).  One identity's images differ only by
-# nuisance; different identities differ in geometry, colours and categorical features.
-#
-# Rendering is pure numpy (float32, planar RGB) with analytic anti-aliasing: every part is an implicit
-# shape with a signed distance ``d`` (< 0 inside) turned into coverage by a one-pixel linear ramp.  The
-# face is lit as a shaded ellipsoid plus Gaussian height bumps (nose, brows, cheeks, lips, chin, eye
-# sockets) with wrap-Lambert + ambient + Blinn specular, in linear light (albedo squared, sqrt at the
-# end).  Skin, hair and beard textures come from fixed noise tables sampled at identity-seeded offsets,
-# so an identity's texture is the same in all its images.
-#
-# Public names: FACE_CONTINUOUS, FACE_COLOURS, FACE_CATEGORICAL, ATTRIBUTE_NAMES, FaceIdentity,
-# sample_identity, face_attributes, attribute_vector, FaceNuisance, sample_nuisance,
-# canonical_nuisance, render_photo, render_sheet.
+# Identities, nuisances and the renderer ------------------------------------------------------------------------------
 
 FACE_WORLD_VERSION = 1  # bump when a change to the renderer or the samplers changes the images (it keys the caches)
 
@@ -1284,9 +1272,7 @@ def render_sheet(seed: int = 0, n_identities: int = 8, n_nuisances: int = 6, siz
     return sheet
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 7b. Splits of the synthetic world, and rendered data sets cached on disk
-# ----------------------------------------------------------------------------------------------------------------------
+# Splits of the synthetic world, and rendered data sets cached on disk -----------------------------------------
 
 # Each split is its own range of identity indices, so no identity is in two splits (TOS §4.2: f "was trained on a
 # labelled set that does not intersect s"; the evaluation's probes and distractors are unseen by every training step).
@@ -1394,9 +1380,7 @@ def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 7c. Real faces: CelebA through torchvision, and a folder of aligned face crops
-# ----------------------------------------------------------------------------------------------------------------------
+# Real faces: CelebA through torchvision, and a folder of aligned face crops -------------------------------------
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CELEBA_HINT = ("CelebA's Google Drive download often fails: download img_align_celeba.zip, identity_CelebA.txt, "
