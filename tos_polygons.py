@@ -21,46 +21,37 @@ Algorithm (TOS Alg. 1, restricted as in §4.1 to L_c + alpha * L_GAN, since ther
     (c-bar, which inverts e on real renders, is trained before the GANs: DCGAN's e-compliance needs it)
 The DCGAN baseline is the same loop without c and L_c.
 
-Evaluation the paper lacks, over --n-eval samples of each model (see ``tied_metrics``):
-    e-compliance   ||G(z) - e(c(G(z)))||^2 (per-pixel MSE); for DCGAN with c-bar, trained to invert e on real renders
-    validity       the 3 parameters of the real renderer that best fit G(z) (grid search), the MSE to that best fit,
-                   and the fraction of samples under --valid-threshold
-    coverage       histograms of the fitted parameters against the uniform prior, and their total-variation distance
+Evaluation the paper lacks, over --n-eval samples of each model (``tied_metrics``; README.md defines each measure):
+e-compliance ||G(z) - e(c(G(z)))||^2 (DCGAN uses c-bar, trained to invert e on real renders), validity (the MSE to
+the best-fitting real render, by grid search) and coverage (the fitted parameters against the uniform prior).
 
-Deviations from the paper (the README repeats them, with the runs behind them):
-  * Training schedule: the paper gives none. We use dcgan.torch's defaults (Adam, lr 2e-4, beta1 0.5, batch 64),
-    since §4.1 says that code was used for the baseline, and fixed step counts (see Args).
-  * G's loss is the non-saturating -log d(G(z)) of dcgan.torch, not log(1 - d(G(z))) of Eq. 7.
-  * L_c's normalisation is not given, and it sets what alpha = 1 means. We take the per-pixel mean (an MSE, the unit
-    of e's "MSE of 0.1"). The literal squared norm summed over 4,096 pixels (--lc-reduction sum) outweighs L_GAN so
-    far that G collapsed onto a single polygon in every validation run.
-  * c starts as a copy of c-bar (--c-init cbar); Alg. 1 step 2 only says "initialize". From a random c, G collapsed
-    in validation (a constant c pulls every G(z) towards one image).
-  * The quick preset uses alpha = 0.1, chosen on validation seeds 100 and 101 (at alpha = 1 its narrow TOS was less
-    e-compliant than DCGAN on seed 100); the paper preset keeps alpha = 1.
-  * d follows dcgan.torch for 64x64 inputs (64-128-256-512-1, no batch norm on its first layer); Table 1's d is
-    written for the 152x152 emoji. c uses leaky ReLU 0.2 as ICCV §4.2 says (Table 1 says ReLU).
-  * G is updated once per step with L_c + alpha * L_GAN, which has the same gradient as Alg. 1's separate steps 7
-    and 12 taken together.
-  * The image scale is [-1, 1] (tanh); the paper does not say which scale its MSE of 0.1 is in.
-  * The quick preset narrows every layer 4x and trains fewer steps; the paper preset keeps Table 1's widths.
-
-Known defect (README, "Paper preset"): at Table 1's widths c-bar's tanh saturates within 50 steps and c-bar does not
-learn to invert e (its parameter error is at chance); the quick widths are fine.
+Deviations from the paper (README.md has the table, and the runs behind it):
+  * Schedule: the paper gives none; we use dcgan.torch's defaults (Adam, lr 2e-4, beta1 0.5, batch 64), the code
+    §4.1 used for the baseline, and fixed step counts (the "ours" block of Args).
+  * G's loss is dcgan.torch's non-saturating -log d(G(z)), not Eq. 7's log(1 - d(G(z))): same fixed point.
+  * L_c is the per-pixel mean (an MSE, the unit of e's "MSE of 0.1"), not Eq. 4's sum over 4,096 pixels, which
+    outweighs L_GAN so far that alpha = 1 loses its meaning (--lc-reduction).
+  * c starts as a copy of c-bar (--c-init cbar); Alg. 1 step 2 only says "initialize", and a random c collapsed G.
+  * d is dcgan.torch's for 64x64 inputs (64-128-256-512-1, no batch norm on its first layer): Table 1's d is for the
+    152x152 emoji. c uses leaky ReLU 0.2, as ICCV §4.2 says (Table 1 says ReLU).
+  * G and c take one step on L_c + alpha * L_GAN: the same gradient as Alg. 1's steps 7 and 12 together.
+  * Images are in [-1, 1] (tanh); the paper does not say which scale its MSE of 0.1 is in.
+  * The quick preset narrows every layer 4x, trains fewer steps and uses alpha = 0.1 (chosen on validation seeds);
+    the paper preset keeps Table 1's widths and alpha = 1.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 import common
 from common import (DownscalingEncoder, UpscalingGenerator, compliance_loss, freeze, gan_d_loss, gan_g_loss,
                     require)
+from worlds.polygons import COVERAGE_BINS, PolygonFitter, from_u, image_metrics, render_batch, sample_params, to_u
 
 
 @dataclass
@@ -70,8 +61,6 @@ class Args(common.RunArgs):
     """renders to train e on (§4.1: "10,000 training images were created and used in order to train a CNN e")"""
     n_t: int = 10000
     """renders in the GAN's target set t (§4.1: "A training set t of a similar size")"""
-    n_e_test: int = 1000
-    """held-out renders on which e's MSE is reported (not in the paper)"""
 
     # Networks (journal Table 1; filters listed in layer order, the output layer not included)
     nz: int = 100
@@ -86,33 +75,38 @@ class Args(common.RunArgs):
     """c's (and c-bar's) stride-2 layers before the 3 tanh outputs (Table 1: "five convolutional layers with
     64-128-256-512-813 filters", 3 parameters here)"""
 
-    # Optimisation (not given by the paper: dcgan.torch defaults)
-    batch_size: int = 64
-    """mini-batch size (dcgan.torch default; the paper gives none)"""
-    lr: float = 2e-4
-    """Adam learning rate for every network (dcgan.torch default; the paper names Adam, DTN §3)"""
-    beta1: float = 0.5
-    """Adam beta1 (dcgan.torch default)"""
-    e_steps: int = 8000
-    """steps to train e (51 epochs of 10,000 renders; the paper gives no schedule)"""
-    cbar_steps: int = 4000
-    """steps to train c-bar to invert e on real renders (for DCGAN's e-compliance; not in the paper)"""
-    gan_steps: int = 8000
-    """steps of DCGAN and of TOS, each (51 epochs of t; dcgan.torch's default is 25 epochs)"""
+    # Loss (§4.1)
     alpha: float = 1.0
     """weight of L_GAN against L_c (§4.1: "minimizes L_c + alpha L_GAN, for alpha = 1")"""
-    c_init: str = "cbar"
-    """how TOS's c starts: random (DCGAN init), or cbar, a copy of c-bar (Alg. 1 step 2 only says "initialize")"""
-    lc_reduction: str = "mean"
-    """L_c per image: sum, Eq. 4's squared norm summed over pixels; or mean, the per-pixel MSE"""
 
     # Evaluation (not in the paper)
+    n_e_test: int = 1000
+    """held-out renders on which e's MSE is reported"""
     n_eval: int = 1000
-    """samples of each model to evaluate (the issue asks for at least 1,000)"""
+    """samples of each model to evaluate"""
     valid_threshold: float = 0.05
     """a sample is valid when the per-pixel MSE to its best-fitting real render is below this ([-1, 1] scale;
     0.05 is about 50 of 4,096 pixels flipped)"""
 
+    # Ours: deviations from the paper (docstring, README)
+    batch_size: int = 64
+    """ours: mini-batch size, dcgan.torch's default (the paper gives none)"""
+    lr: float = 2e-4
+    """ours: Adam learning rate for every network, dcgan.torch's default (the paper names Adam, DTN §3, no rate)"""
+    beta1: float = 0.5
+    """ours: Adam beta1, dcgan.torch's default (the paper gives none)"""
+    e_steps: int = 8000
+    """ours: steps to train e, 51 epochs of 10,000 renders (the paper gives no schedule)"""
+    cbar_steps: int = 4000
+    """ours: steps to train c-bar to invert e on real renders, for DCGAN's e-compliance (c-bar is not in §4.1)"""
+    gan_steps: int = 8000
+    """ours: steps of DCGAN and of TOS, each, 51 epochs of t (the paper gives none; dcgan.torch's default is 25
+    epochs)"""
+    c_init: str = "cbar"
+    """ours: how TOS's c starts: cbar, a copy of c-bar, or random, DCGAN's init (Alg. 1 step 2 only says
+    "initialize")"""
+    lc_reduction: str = "mean"
+    """ours: L_c per image: mean, the per-pixel MSE; or sum, over pixels (Eq. 4's squared norm, scale unstated)"""
 
 
 PRESETS = {
@@ -143,98 +137,167 @@ def validate(args: Args):
     require(args.c_init in ("random", "cbar"), "--c-init must be random or cbar")
 
 
-# ======================================================================================================================
-# The polygon engine (§4.1): "binary 64x64 images of regular polygons ... sampling uniformly three parameters: the
-# number of vertices (3-6), the radius of the enclosing circle (15-30), and a rotation angle in the range [-10, 10]"
-# ======================================================================================================================
-SIZE = 64
-N_VERTICES = (3, 4, 5, 6)
-RADIUS = (15.0, 30.0)
-ROTATION = (-10.0, 10.0)  # degrees; 0 puts a vertex straight above the centre, positive turns clockwise
-
-
-def render(n: int, radius: float, rotation: float) -> np.ndarray:
-    """The real engine: a filled regular polygon, centred, as a 64x64 uint8 array of 0 and 1 (drawn by PIL)."""
-    img = Image.new("L", (SIZE, SIZE), 0)
-    centre = SIZE / 2
-    angles = [math.radians(rotation) + 2 * math.pi * k / n for k in range(n)]
-    ImageDraw.Draw(img).polygon([(centre + radius * math.sin(a), centre - radius * math.cos(a)) for a in angles],
-                                fill=1)
-    return np.array(img, dtype=np.uint8)
-
-
-def sample_params(rng: np.random.Generator, k: int) -> np.ndarray:
-    """k parameter vectors (n, radius, rotation), uniform over the prior."""
-    return np.stack([rng.choice(N_VERTICES, k).astype(np.float64), rng.uniform(*RADIUS, k),
-                     rng.uniform(*ROTATION, k)], axis=1)
-
-
-def render_batch(params: np.ndarray) -> torch.Tensor:
-    """(k, 3) parameters -> (k, 1, 64, 64) float images in {-1, 1}. The vertex count is rounded and every parameter
-    clipped to the prior's range, so any vector (e.g. c's output) renders."""
-    n = np.clip(np.rint(params[:, 0]), N_VERTICES[0], N_VERTICES[-1]).astype(int)
-    r = np.clip(params[:, 1], *RADIUS)
-    rot = np.clip(params[:, 2], *ROTATION)
-    imgs = np.stack([render(a, b, c) for a, b, c in zip(n, r, rot)])
-    return torch.from_numpy(imgs).float().mul_(2).sub_(1).unsqueeze(1)
-
-
-# u, the configuration vector that e takes and c predicts, is the parameters scaled to [-1, 1] (c ends in tanh).
-_LOW = torch.tensor([N_VERTICES[0], RADIUS[0], ROTATION[0]], dtype=torch.float64)
-_HIGH = torch.tensor([N_VERTICES[-1], RADIUS[1], ROTATION[1]], dtype=torch.float64)
-
-
-def to_u(params: np.ndarray) -> torch.Tensor:
-    return ((torch.as_tensor(params, dtype=torch.float64) - _LOW) / (_HIGH - _LOW) * 2 - 1).float()
-
-
-def from_u(u: torch.Tensor) -> np.ndarray:
-    return ((u.detach().double().cpu().clamp(-1, 1) + 1) / 2 * (_HIGH - _LOW) + _LOW).numpy()
-
-
-class PolygonFitter:
-    """Validity against the real renderer: for an image, the engine parameters whose render is nearest in per-pixel
-    MSE, by exhaustive search over a grid (4 vertex counts x radius step 0.25 px x rotation step 0.5 degree =
-    10,004 renders)."""
-
-    def __init__(self, device: torch.device):
-        n, r, rot = np.meshgrid(N_VERTICES, np.arange(RADIUS[0], RADIUS[1] + 1e-9, 0.25),
-                                np.arange(ROTATION[0], ROTATION[1] + 1e-9, 0.5), indexing="ij")
-        self.params = np.stack([n.ravel(), r.ravel(), rot.ravel()], 1).astype(np.float64)
-        self.bank = render_batch(self.params).flatten(1).to(device)  # (M, 4096) in {-1, 1}
-        self.bank_sq = (self.bank * self.bank).sum(1)
-
-    @torch.no_grad()
-    def fit(self, x: torch.Tensor, chunk: int = 250):
-        """x: (N, 1, 64, 64) in [-1, 1] -> (best parameters (N, 3), per-pixel MSE to their render (N,))."""
-        best_i, best_d = [], []
-        for xs in x.flatten(1).to(self.bank).split(chunk):
-            dist = (xs * xs).sum(1, keepdim=True) - 2 * xs @ self.bank.T + self.bank_sq  # squared L2, (n, M)
-            d, i = dist.min(1)
-            best_i.append(i)
-            best_d.append(d.clamp_min(0) / xs.shape[1])
-        return self.params[torch.cat(best_i).cpu().numpy()], torch.cat(best_d).cpu()
+def make_data(args: Args, device: torch.device) -> dict:
+    """Every tensor the run uses, from their own numpy generator (and torch generator for z_eval), so that a resumed
+    run rebuilds exactly the same sets."""
+    data_rng = np.random.default_rng(args.seed)
+    print("data: synthetic polygons from the PIL engine (no download needed)")
+    p_e_train, p_t, p_e_test, p_eval = (sample_params(data_rng, k) for k in
+                                        (args.n_e_train, args.n_t, args.n_e_test, args.n_eval))
+    data = {"u_e_train": to_u(p_e_train).to(device), "x_e_train": render_batch(p_e_train).to(device),  # e's pairs
+            "t": render_batch(p_t).to(device),                                                         # target set t
+            "u_e_test": to_u(p_e_test).to(device), "x_e_test": render_batch(p_e_test).to(device),      # e's held out
+            "x_eval": render_batch(p_eval).to(device),
+            "u_eval": to_u(sample_params(data_rng, args.n_eval)).to(device)}
+    z_gen = torch.Generator().manual_seed(args.seed + 1)
+    data["z_eval"] = (torch.rand(args.n_eval, args.nz, generator=z_gen) * 2 - 1).to(device)  # fixed, both GANs
+    return data
 
 
 # ======================================================================================================================
-# Evaluation
+# Networks (journal Table 1):
+#   e: u (3 parameters) -> image, mimics the engine; trained first, then fixed
+#   G: z -> image, the generator; d: image -> real/fake logit, the GAN's discriminator
+#   c: image -> u, trained with G so that e(c(G(z))) = G(z); c-bar: the same network trained on real renders
 # ======================================================================================================================
-COVERAGE_BINS = {"n_vertices": np.array([2.5, 3.5, 4.5, 5.5, 6.5]), "radius": np.linspace(*RADIUS, 6),
-                 "rotation": np.linspace(*ROTATION, 5)}
+def build_networks(args: Args, device: torch.device) -> tuple[dict, dict]:
+    """The networks of both models (built in this order, which sets their initial weights) and an Adam for each."""
+    make_G = partial(UpscalingGenerator, args.nz, args.g_widths, 1)
+    make_d = partial(DownscalingEncoder, 1, args.d_widths, 1, bn_first=False)
+    make_c = partial(DownscalingEncoder, 1, args.c_widths, 3, final="tanh")
+    nets = {"e": UpscalingGenerator(3, args.e_widths, 1), "cbar": make_c(),
+            "dcgan_G": make_G(), "dcgan_d": make_d(), "tos_G": make_G(), "tos_d": make_d(), "tos_c": make_c()}
+    for net in nets.values():
+        net.to(device)
+    opts = {k: torch.optim.Adam(v.parameters(), lr=args.lr, betas=(args.beta1, 0.999)) for k, v in nets.items()}
+    return nets, opts
 
 
-def image_metrics(x: torch.Tensor, fitter: PolygonFitter, threshold: float) -> dict:
-    """Validity and coverage of a set of images (see the module docstring)."""
-    params, mse = fitter.fit(x)
-    out = {"validity_mse_mean": mse.mean().item(), "validity_mse_median": mse.median().item(),
-           "valid_fraction": (mse < threshold).float().mean().item(), "coverage": {}}
-    for j, (name, edges) in enumerate(COVERAGE_BINS.items()):
-        hist = np.histogram(params[:, j], edges)[0] / len(params)
-        out["coverage"][name] = {"edges": edges.round(3).tolist(), "fraction": hist.round(4).tolist(),
-                                 "tv_to_uniform": float(0.5 * np.abs(hist - 1 / len(hist)).sum())}
-    return out
+# ======================================================================================================================
+# ALGO LOGIC: one training step of each phase; each returns its losses as tensors (read only when logged)
+# ======================================================================================================================
+def update_e(e, opt_e, u_train: torch.Tensor, x_train: torch.Tensor, args: Args) -> dict:
+    """e learns the engine, supervised on (u, render(u)) pairs."""
+    u, x = common.sample_batch(args.batch_size, u_train, x_train)
+    # Update e: minimize ||e(u) - x||^2                                               (§4.1, "MSE of 0.1")
+    loss = torch.nn.functional.mse_loss(e(u), x)
+    opt_e.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_e.step()
+    return {"loss_e": loss}
 
 
+def update_cbar(cbar, e, opt_cbar, t: torch.Tensor, args: Args) -> dict:
+    """c-bar learns to invert the fixed e on real renders (DCGAN has no c of its own)."""
+    (x,) = common.sample_batch(args.batch_size, t)
+    # Update c-bar: minimize ||x' - e(c-bar(x'))||^2                                  (Eq. 4 with G = identity)
+    loss = compliance_loss(x, e(cbar(x)), args.lc_reduction)
+    opt_cbar.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_cbar.step()
+    return {"loss_cbar": loss}
+
+
+def update_d(d, opt_d, x_real: torch.Tensor, g_z: torch.Tensor) -> torch.Tensor:
+    """(1) Update d: maximize log d(x') + log(1 - d(G(z)))                             (Eq. 7, Alg. 1 steps 5-6)"""
+    loss_d = gan_d_loss(d(x_real), d(g_z.detach()))
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    return loss_d
+
+
+def update_dcgan(G, d, opt_G, opt_d, t: torch.Tensor, args: Args) -> dict:
+    """One step of the DCGAN baseline: Alg. 1 steps 4-7, without c and L_c."""
+    (x_real,) = common.sample_batch(args.batch_size, t)
+    g_z = G(torch.rand(args.batch_size, args.nz, device=t.device) * 2 - 1)  # z ~ U[-1, 1]^nz
+    loss_d = update_d(d, opt_d, x_real, g_z)
+    # (2) Update G: maximize log d(G(z)) (non-saturating L_GAN)                       (Eq. 7, Alg. 1 step 7)
+    loss_gan = gan_g_loss(d(g_z))
+    opt_G.zero_grad(set_to_none=True)
+    loss_gan.backward()
+    opt_G.step()
+    return {"loss_d": loss_d, "loss_g_gan": loss_gan}
+
+
+def update_tos(G, c, d, e, opt_G, opt_c, opt_d, t: torch.Tensor, args: Args) -> dict:
+    """One TOS step (Alg. 1 steps 4-7 and 11-12): DCGAN's step, with L_c added to G's loss and minimized by c too."""
+    (x_real,) = common.sample_batch(args.batch_size, t)
+    g_z = G(torch.rand(args.batch_size, args.nz, device=t.device) * 2 - 1)  # z ~ U[-1, 1]^nz
+    loss_d = update_d(d, opt_d, x_real, g_z)
+    # (2) Update G and c: minimize L_c + alpha * L_GAN, with              (Eq. 4/5 and 7, Alg. 1 steps 7 and 12)
+    #     L_c = ||G(z) - e(c(G(z)))||^2 (e fixed) and L_GAN = -log d(G(z)) (non-saturating)
+    loss_gan = gan_g_loss(d(g_z))
+    loss_c = compliance_loss(g_z, e(c(g_z)), args.lc_reduction)
+    loss_G = loss_c + args.alpha * loss_gan
+    opt_c.zero_grad(set_to_none=True)
+    opt_G.zero_grad(set_to_none=True)
+    loss_G.backward()
+    opt_G.step()
+    opt_c.step()
+    return {"loss_d": loss_d, "loss_g_gan": loss_gan, "loss_c": loss_c}
+
+
+TRAINED = {"e": ["e"], "cbar": ["cbar"], "dcgan": ["dcgan_G", "dcgan_d"], "tos": ["tos_G", "tos_d", "tos_c"]}
+
+
+def setup_phase(nets: dict, opts: dict, data: dict, args: Args, phase: str, start_step: int):
+    """Train mode for the networks this phase trains, eval mode for the rest; e is fixed after its own phase, and
+    TOS's c starts from c-bar (--c-init cbar). Returns the phase's step function."""
+    for name, net in nets.items():
+        net.train(name in TRAINED[phase])
+    if phase != "e":
+        freeze(nets["e"])
+    if phase == "tos" and start_step == 0 and args.c_init == "cbar":
+        nets["tos_c"].load_state_dict(nets["cbar"].state_dict())
+    if phase == "e":
+        return partial(update_e, nets["e"], opts["e"], data["u_e_train"], data["x_e_train"], args)
+    if phase == "cbar":
+        return partial(update_cbar, nets["cbar"], nets["e"], opts["cbar"], data["t"], args)
+    if phase == "dcgan":
+        return partial(update_dcgan, nets["dcgan_G"], nets["dcgan_d"], opts["dcgan_G"], opts["dcgan_d"], data["t"],
+                       args)
+    return partial(update_tos, nets["tos_G"], nets["tos_c"], nets["tos_d"], nets["e"],
+                   opts["tos_G"], opts["tos_c"], opts["tos_d"], data["t"], args)
+
+
+@torch.no_grad()
+def e_test_mse(e, data: dict) -> float:
+    return torch.nn.functional.mse_loss(e.eval()(data["u_e_test"]), data["x_e_test"]).item()
+
+
+def report_e(e, data: dict, phase: str):
+    """After e's phase: its held-out MSE, against the paper's."""
+    if phase == "e":
+        mse = e_test_mse(e, data)
+        print(f"e: held-out MSE {mse:.4f} on the [-1, 1] scale ({mse / 4:.4f} on [0, 1]); "
+              f"the paper reports 'MSE of 0.1'")
+
+
+# ======================================================================================================================
+# Main: arguments, seeding, data, networks, training phases, evaluation, outputs
+# ======================================================================================================================
+def main(argv=None):
+    t_start = time.time()
+    args, preset, device, out, ckpt = common.start_run("tos_polygons", Args, PRESETS, DRY_RUN, validate,
+                                                       argv, description=__doc__.split("\n")[0])
+    common.seed_everything(args.seed)
+    data = make_data(args, device)
+    nets, opts = build_networks(args, device)
+
+    steps = dict(zip(PHASES, (args.e_steps, args.cbar_steps, args.gan_steps, args.gan_steps)))
+    runner = common.PhaseRunner("tos_polygons", args, out, nets, opts, steps, LOG_FIELDS, ckpt, t_start)
+    if not runner.run(partial(setup_phase, nets, opts, data, args), partial(report_e, nets["e"], data)):
+        return 130
+
+    metrics = evaluate(nets, data, args, device, out)
+    write_outputs(out, args, preset, device, metrics, runner.elapsed())
+    return 0
+
+
+# ======================================================================================================================
+# Evaluation and outputs (not in the paper: it shows pictures only)
+# ======================================================================================================================
 @torch.no_grad()
 def tied_metrics(g_z: torch.Tensor, c, e, fitter, threshold) -> dict:
     """Everything measured on one generator's samples g_z, with c the network that maps images to u."""
@@ -249,193 +312,61 @@ def tied_metrics(g_z: torch.Tensor, c, e, fitter, threshold) -> dict:
 
 def results_table(m: dict, threshold: float) -> str:
     """The README's table, in markdown, from metrics.json's numbers."""
-    rows = [("real renders (reference)", m["reference"]["real renders"], None, None),
-            ("e(u), u from the prior (reference)", m["reference"]["e(u)"], None, None)]
-    for name in ("dcgan", "tos"):
-        label = "DCGAN" if name == "dcgan" else "TOS"
-        cname = "c-bar" if name == "dcgan" else "c"
+    rows = [("real renders (reference)", m["reference"]["real renders"], "", ""),
+            ("e(u), u from the prior (reference)", m["reference"]["e(u)"], "", "")]
+    for name, label, cname in (("dcgan", "DCGAN", "c-bar"), ("tos", "TOS", "c")):
         mm = m[name]
-        rows.append((f"{label} G(z)", mm["G(z)"], mm["e_compliance"], mm["engine_compliance"]))
-        rows.append((f"{label} e({cname}(G(z)))", mm["e(c(G(z)))"], None, None))
-
-    def f(v):
-        return "" if v is None else f"{v:.4f}"
+        rows += [(f"{label} G(z)", mm["G(z)"], f"{mm['e_compliance']:.4f}", f"{mm['engine_compliance']:.4f}"),
+                 (f"{label} e({cname}(G(z)))", mm["e(c(G(z)))"], "", "")]
     lines = [f"| samples | e-compliance | engine-compliance | validity MSE | valid (< {threshold}) | "
              "TV to uniform: n / radius / rotation |", "|---|---|---|---|---|---|"]
     for label, im, ec, gc in rows:
         tv = " / ".join(f"{im['coverage'][k]['tv_to_uniform']:.3f}" for k in COVERAGE_BINS)
-        lines.append(f"| {label} | {f(ec)} | {f(gc)} | {im['validity_mse_mean']:.4f} | "
-                     f"{100 * im['valid_fraction']:.1f}% | {tv} |")
+        lines.append(f"| {label} | {ec} | {gc} | {im['validity_mse_mean']:.4f} | {100 * im['valid_fraction']:.1f}% | "
+                     f"{tv} |")
     return "\n".join(lines)
 
 
-# ======================================================================================================================
-# Main: arguments, data, networks, training phases, evaluation, outputs
-# ======================================================================================================================
-def main(argv=None):
-    t_start = time.time()
-    args, preset, device, out, ckpt = common.start_run("tos_polygons", Args, PRESETS, DRY_RUN, validate,
-                                                       argv, description=__doc__.split("\n")[0])
-
-    # ------------------------------------------------------------------------------------------------------------------
-    # Seeding, then data. The data come from their own numpy generator, so a resumed run rebuilds exactly the same sets.
-    # ------------------------------------------------------------------------------------------------------------------
-    common.seed_everything(args.seed)
-    data_rng = np.random.default_rng(args.seed)
-    print("data: synthetic polygons from the PIL engine (no download needed)")
-    p_e_train, p_t, p_e_test, p_eval = (sample_params(data_rng, k) for k in
-                                        (args.n_e_train, args.n_t, args.n_e_test, args.n_eval))
-    u_e_train, x_e_train = to_u(p_e_train).to(device), render_batch(p_e_train).to(device)   # e's training pairs
-    t = render_batch(p_t).to(device)                                                        # the target set t
-    u_e_test, x_e_test = to_u(p_e_test).to(device), render_batch(p_e_test).to(device)      # e's held-out pairs
-    x_eval, u_eval = render_batch(p_eval).to(device), to_u(sample_params(data_rng, args.n_eval)).to(device)
-    z_gen = torch.Generator().manual_seed(args.seed + 1)
-    z_eval = (torch.rand(args.n_eval, args.nz, generator=z_gen) * 2 - 1).to(device)  # fixed inputs, both GANs
-    n_grid = min(64, args.n_eval)
-
-    # ------------------------------------------------------------------------------------------------------------------
-    # Networks (journal Table 1):
-    #   e: u (3 parameters) -> image, mimics the engine; trained first, then fixed
-    #   G: z -> image, the generator; d: image -> real/fake logit, the GAN's discriminator
-    #   c: image -> u, trained with G so that e(c(G(z))) = G(z); c-bar: the same network trained on real renders
-    # ------------------------------------------------------------------------------------------------------------------
-    def make_c():
-        return DownscalingEncoder(1, args.c_widths, 3, final="tanh")
-
-    def make_d():
-        return DownscalingEncoder(1, args.d_widths, 1, bn_first=False)
-
-    nets = {"e": UpscalingGenerator(3, args.e_widths, 1), "cbar": make_c(),
-            "dcgan_G": UpscalingGenerator(args.nz, args.g_widths, 1), "dcgan_d": make_d(),
-            "tos_G": UpscalingGenerator(args.nz, args.g_widths, 1), "tos_d": make_d(), "tos_c": make_c()}
-    for net in nets.values():
-        net.to(device)
-    opts = {k: torch.optim.Adam(v.parameters(), lr=args.lr, betas=(args.beta1, 0.999)) for k, v in nets.items()}
-    e = nets["e"]
-
-    steps = {"e": args.e_steps, "cbar": args.cbar_steps, "dcgan": args.gan_steps, "tos": args.gan_steps}
-    runner = common.PhaseRunner("tos_polygons", args, out, nets, opts, steps, LOG_FIELDS, ckpt, t_start)
-
-    def batch(x: torch.Tensor, *more: torch.Tensor):
-        return common.sample_batch(args.batch_size, x, *more)
-
-    def noise():
-        return torch.rand(args.batch_size, args.nz, device=device) * 2 - 1  # z ~ U[-1, 1]^nz
-
-    # ------------------------------------------------------------------------------------------------------------------
-    # One training step of each phase; each returns its losses as tensors (read on the host only when logged).
-    # ------------------------------------------------------------------------------------------------------------------
-    def step_e():
-        # e is trained supervised on (u, render(u)) pairs: minimize ||e(u) - x||^2 (§4.1, "MSE of 0.1")
-        u, x = batch(u_e_train, x_e_train)
-        loss = torch.nn.functional.mse_loss(e(u), x)
-        opts["e"].zero_grad(set_to_none=True)
-        loss.backward()
-        opts["e"].step()
-        return {"loss_e": loss}
-
-    def step_cbar():
-        # c-bar inverts the fixed e on real renders: minimize ||x' - e(c-bar(x'))||^2 (Eq. 4 with G = identity)
-        (x,) = batch(t)
-        loss = compliance_loss(x, e(nets["cbar"](x)), args.lc_reduction)
-        opts["cbar"].zero_grad(set_to_none=True)
-        loss.backward()
-        opts["cbar"].step()
-        return {"loss_cbar": loss}
-
-    def gan_step(G, d, opt_G, opt_d, c=None, opt_c=None):
-        """One DCGAN step; with c, one TOS step (Alg. 1 steps 4-7 and 11-12)."""
-        (x_real,) = batch(t)
-        g_z = G(noise())
-        # (1) Update d: maximize log d(x') + log(1 - d(G(z)))                         (Eq. 7)
-        loss_d = gan_d_loss(d(x_real), d(g_z.detach()))
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-        # (2) Update G: maximize log d(G(z)) (non-saturating L_GAN)                      (Eq. 7)
-        loss_gan = gan_g_loss(d(g_z))
-        losses = {"loss_d": loss_d, "loss_g_gan": loss_gan}
-        loss_G = loss_gan
-        if c is not None:
-            # (3) TOS: G and c both minimize L_c = ||G(z) - e(c(G(z)))||^2, e fixed     (Eq. 4/5, Alg. 1 step 12)
-            loss_c = compliance_loss(g_z, e(c(g_z)), args.lc_reduction)
-            loss_G = loss_c + args.alpha * loss_gan
-            losses["loss_c"] = loss_c
-            opt_c.zero_grad(set_to_none=True)
-        opt_G.zero_grad(set_to_none=True)
-        loss_G.backward()
-        opt_G.step()
-        if c is not None:
-            opt_c.step()
-        return losses
-
-    def phase_setup(phase: str, start_step: int):
-        """Train mode for the networks this phase trains; e is fixed after its own phase."""
-        for net in nets.values():
-            net.eval()
-        trained = {"e": ["e"], "cbar": ["cbar"], "dcgan": ["dcgan_G", "dcgan_d"],
-                   "tos": ["tos_G", "tos_d", "tos_c"]}[phase]
-        for k in trained:
-            nets[k].train()
-        if phase != "e":
-            freeze(e)
-        if phase == "tos" and start_step == 0 and args.c_init == "cbar":
-            nets["tos_c"].load_state_dict(nets["cbar"].state_dict())
-        return {"e": step_e, "cbar": step_cbar,
-                "dcgan": lambda: gan_step(nets["dcgan_G"], nets["dcgan_d"], opts["dcgan_G"], opts["dcgan_d"]),
-                "tos": lambda: gan_step(nets["tos_G"], nets["tos_d"], opts["tos_G"], opts["tos_d"],
-                                        nets["tos_c"], opts["tos_c"])}[phase]
-
-    @torch.no_grad()
-    def e_test_mse() -> float:
-        return torch.nn.functional.mse_loss(e.eval()(u_e_test), x_e_test).item()
-
-    def after_phase(phase: str):
-        if phase == "e":
-            mse = e_test_mse()
-            print(f"e: held-out MSE {mse:.4f} on the [-1, 1] scale ({mse / 4:.4f} on [0, 1]); "
-                  f"the paper reports 'MSE of 0.1'")
-
-    # ------------------------------------------------------------------------------------------------------------------
-    # Training: the phases in order, each from where a checkpoint left it
-    # ------------------------------------------------------------------------------------------------------------------
-    if not runner.run(phase_setup, after_phase):
-        return 130
-
-    # ------------------------------------------------------------------------------------------------------------------
-    # Evaluation (fixed z_eval for both GANs; fresh renders and e(u) as references)
-    # ------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(nets: dict, data: dict, args: Args, device: torch.device, out) -> dict:
+    """metrics.json's numbers and the sample grids, from fixed z_eval for both GANs (fresh renders and e(u) as
+    references)."""
     for net in nets.values():
         net.eval()
     print(f"evaluating {args.n_eval} samples of each model against the real renderer ...")
     fitter = PolygonFitter(device)
-    e_mse = e_test_mse()
-    with torch.no_grad():
-        g_dcgan, g_tos = nets["dcgan_G"](z_eval), nets["tos_G"](z_eval)
-        e_u = e(u_eval)
-        cbar_test_u = nets["cbar"](x_e_test)
-        metrics = {
-            "e": {"test_mse": e_mse, "test_mse_0_1_scale": e_mse / 4, "paper_mse": 0.1},
-            "cbar": {"param_mae_on_held_out_renders": dict(zip(
-                ("n_vertices", "radius", "rotation"),
-                np.abs(from_u(cbar_test_u) - from_u(u_e_test)).mean(0).round(4).tolist()))},
-            "reference": {"real renders": image_metrics(x_eval, fitter, args.valid_threshold),
-                          "e(u)": image_metrics(e_u, fitter, args.valid_threshold)},
-            "dcgan": tied_metrics(g_dcgan, nets["cbar"], e, fitter, args.valid_threshold),
-            "tos": tied_metrics(g_tos, nets["tos_c"], e, fitter, args.valid_threshold),
-        }
-        metrics["tos"]["e_compliance_with_cbar"] = compliance_loss(g_tos, e(nets["cbar"](g_tos)), "mean").item()
+    e, cbar, thr = nets["e"], nets["cbar"], args.valid_threshold
+    e_mse = e_test_mse(e, data)
+    g_dcgan, g_tos = nets["dcgan_G"](data["z_eval"]), nets["tos_G"](data["z_eval"])
+    e_u = e(data["u_eval"])
+    cbar_test_u = cbar(data["x_e_test"])
+    metrics = {
+        "e": {"test_mse": e_mse, "test_mse_0_1_scale": e_mse / 4, "paper_mse": 0.1},
+        "cbar": {"param_mae_on_held_out_renders": dict(zip(
+            ("n_vertices", "radius", "rotation"),
+            np.abs(from_u(cbar_test_u) - from_u(data["u_e_test"])).mean(0).round(4).tolist()))},
+        "reference": {"real renders": image_metrics(data["x_eval"], fitter, thr),
+                      "e(u)": image_metrics(e_u, fitter, thr)},
+        "dcgan": tied_metrics(g_dcgan, cbar, e, fitter, thr),
+        "tos": tied_metrics(g_tos, nets["tos_c"], e, fitter, thr),
+    }
+    metrics["tos"]["e_compliance_with_cbar"] = compliance_loss(g_tos, e(cbar(g_tos)), "mean").item()
 
-        # Sample grids from fixed inputs
-        common.save_grid(t[:n_grid], out / "real_polygons.png")
-        common.save_grid(torch.stack([x_e_test[:32], e(u_e_test[:32])], 1).flatten(0, 1), out / "e_vs_engine.png")
-        common.save_grid(g_dcgan[:n_grid], out / "dcgan_G.png")
-        common.save_grid(e(nets["cbar"](g_dcgan[:n_grid])), out / "dcgan_e_cbar_G.png")
-        common.save_grid(g_tos[:n_grid], out / "tos_G.png")
-        common.save_grid(e(nets["tos_c"](g_tos[:n_grid])), out / "tos_e_c_G.png")
-        common.save_grid(render_batch(from_u(nets["tos_c"](g_tos[:n_grid]))), out / "tos_engine_c_G.png")
+    # Sample grids from fixed inputs
+    n = min(64, args.n_eval)
+    common.save_grid(data["t"][:n], out / "real_polygons.png")
+    common.save_grid(torch.stack([data["x_e_test"][:32], e(data["u_e_test"][:32])], 1).flatten(0, 1),
+                     out / "e_vs_engine.png")
+    common.save_grid(g_dcgan[:n], out / "dcgan_G.png")
+    common.save_grid(e(cbar(g_dcgan[:n])), out / "dcgan_e_cbar_G.png")
+    common.save_grid(g_tos[:n], out / "tos_G.png")
+    common.save_grid(e(nets["tos_c"](g_tos[:n])), out / "tos_e_c_G.png")
+    common.save_grid(render_batch(from_u(nets["tos_c"](g_tos[:n]))), out / "tos_engine_c_G.png")
+    return metrics
 
-    wall = runner.elapsed()
+
+def write_outputs(out, args: Args, preset: str, device: torch.device, metrics: dict, wall: float):
+    """metrics.json, table.md, and a one-line summary."""
     table = results_table(metrics, args.valid_threshold)
     common.write_json(out / "metrics.json", {
         "script": "tos_polygons", "preset": preset, "seed": args.seed, "device": common.describe_device(device),
@@ -446,7 +377,6 @@ def main(argv=None):
     print(f"TOS vs DCGAN: e-compliance {metrics['tos']['e_compliance']:.4f} vs "
           f"{metrics['dcgan']['e_compliance']:.4f}; valid {100 * metrics['tos']['G(z)']['valid_fraction']:.1f}% vs "
           f"{100 * metrics['dcgan']['G(z)']['valid_fraction']:.1f}%; wall time {wall / 60:.1f} min; output {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import common
-import tos_polygons as tp
+from worlds import polygons
 
 
 @pytest.mark.parametrize("widths", [(512, 256, 128, 64), (128, 64, 32, 16)])
@@ -47,7 +47,7 @@ def test_freeze_keeps_gradients_flowing_through():
 
 
 def test_fitter_bank_and_u_scaling_round_trip():
-    p = tp.sample_params(__import__("numpy").random.default_rng(0), 50)
-    u = tp.to_u(p)
+    p = polygons.sample_params(__import__("numpy").random.default_rng(0), 50)
+    u = polygons.to_u(p)
     assert u.abs().max() <= 1
-    assert abs(tp.from_u(u) - p).max() < 1e-4
+    assert abs(polygons.from_u(u) - p).max() < 1e-4

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-import tos_polygons as tp
+from worlds import polygons
 
 
 def test_renders_are_binary_centred_64x64():
-    img = tp.render(5, 22.0, 3.0)
+    img = polygons.render(5, 22.0, 3.0)
     assert img.shape == (64, 64) and img.dtype == np.uint8
     assert set(np.unique(img)) == {0, 1}
     ys, xs = np.nonzero(img)
@@ -17,9 +17,9 @@ def test_renders_are_binary_centred_64x64():
     assert abs(xs.mean() + 0.5 - 32) < 1 and abs(ys.mean() + 0.5 - 32) < 1.5
 
 
-@pytest.mark.parametrize("n", tp.N_VERTICES)
+@pytest.mark.parametrize("n", polygons.N_VERTICES)
 def test_area_grows_with_radius_as_a_regular_polygon(n):
-    areas = [int(tp.render(n, r, 0.0).sum()) for r in (15, 20, 25, 30)]
+    areas = [int(polygons.render(n, r, 0.0).sum()) for r in (15, 20, 25, 30)]
     assert areas == sorted(areas) and len(set(areas)) == 4
     for r, a in zip((15, 20, 25, 30), areas):
         exact = n / 2 * r * r * math.sin(2 * math.pi / n)
@@ -27,12 +27,12 @@ def test_area_grows_with_radius_as_a_regular_polygon(n):
 
 
 def test_more_vertices_fill_more_of_the_circle():
-    areas = [int(tp.render(n, 25.0, 0.0).sum()) for n in tp.N_VERTICES]
+    areas = [int(polygons.render(n, 25.0, 0.0).sum()) for n in polygons.N_VERTICES]
     assert areas == sorted(areas) and len(set(areas)) == 4
 
 
 def test_rotation_moves_the_corners():
-    left, none, right = (tp.render(3, 25.0, r) for r in (-10.0, 0.0, 10.0))
+    left, none, right = (polygons.render(3, 25.0, r) for r in (-10.0, 0.0, 10.0))
     assert (left != right).sum() > 50
 
     def top_corner_x(img):
@@ -47,9 +47,9 @@ def test_rotation_moves_the_corners():
 
 
 def test_vertex_count_radius_and_rotation_can_be_recovered():
-    fitter = tp.PolygonFitter(torch.device("cpu"))
-    params = tp.sample_params(np.random.default_rng(3), 40)
-    fit, mse = fitter.fit(tp.render_batch(params))
+    fitter = polygons.PolygonFitter(torch.device("cpu"))
+    params = polygons.sample_params(np.random.default_rng(3), 40)
+    fit, mse = fitter.fit(polygons.render_batch(params))
     assert (fit[:, 0] == params[:, 0]).all()
     assert np.abs(fit[:, 1] - params[:, 1]).max() <= 1.0  # a pixel grid cannot tell radii closer than that
     # a degree moves a corner of a radius-15 polygon by a quarter of a pixel, so small ones are ambiguous
@@ -62,7 +62,7 @@ def test_vertex_count_radius_and_rotation_can_be_recovered():
 
 
 def test_render_batch_rounds_and_clips_any_vector():
-    x = tp.render_batch(np.array([[4.4, 40.0, 99.0], [2.0, 1.0, -99.0]]))
+    x = polygons.render_batch(np.array([[4.4, 40.0, 99.0], [2.0, 1.0, -99.0]]))
     assert x.shape == (2, 1, 64, 64) and set(x.unique().tolist()) == {-1.0, 1.0}
-    assert torch.equal(x[0, 0], torch.tensor(tp.render(4, 30.0, 10.0)).float() * 2 - 1)
-    assert torch.equal(x[1, 0], torch.tensor(tp.render(3, 15.0, -10.0)).float() * 2 - 1)
+    assert torch.equal(x[0, 0], torch.tensor(polygons.render(4, 30.0, 10.0)).float() * 2 - 1)
+    assert torch.equal(x[1, 0], torch.tensor(polygons.render(3, 15.0, -10.0)).float() * 2 - 1)
