@@ -92,9 +92,9 @@ def test_dry_run_writes_its_files_and_records_the_embedded_data(run, tmp_path):
 def test_distort_digits_keeps_shape_and_range_and_follows_the_seed():
     x, _ = digits.synthetic_house_numbers(16, seed=2)
     torch.manual_seed(5)
-    a = dd.distort_digits(x)
+    a = digits.distort_digits(x)
     torch.manual_seed(5)
-    b = dd.distort_digits(x)
+    b = digits.distort_digits(x)
     assert a.shape == x.shape and torch.equal(a, b)
     assert a.min() >= -1 and a.max() <= 1
     assert (a - x).abs().flatten(1).mean(1).min() > 0.01  # every image is changed
@@ -150,7 +150,7 @@ def test_nearest_neighbour_accuracy_matches_brute_force():
 
 def test_drop_class_removes_only_that_digit():
     x, y = torch.arange(20).float(), torch.arange(20) % 10
-    x2, y2 = dd.drop_class(x, y, 3)
+    x2, y2 = digits.drop_class(x, y, 3)
     assert 3 not in y2.tolist() and len(y2) == 18 and torch.equal(x2 % 10, y2.float())
 
 

