@@ -25,7 +25,8 @@ def test_the_label_is_the_centre_digit():
     middle_diff, edge_diff = [], []
     for seed in range(30):
         full = digits.render_house_number(seed % 10, np.random.default_rng(seed), fonts).astype(float)
-        alone = digits.render_house_number(seed % 10, np.random.default_rng(seed), fonts, neighbours=False).astype(float)
+        alone = digits.render_house_number(seed % 10, np.random.default_rng(seed), fonts,
+                                           neighbours=False).astype(float)
         middle_diff.append(np.abs(full - alone)[:, 13:19].mean())
         edge_diff.append(np.abs(full - alone)[:, list(range(4)) + list(range(28, 32))].mean())
         assert alone[:, 10:22].std() > 10  # the digit itself is there, with contrast
