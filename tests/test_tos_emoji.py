@@ -21,9 +21,9 @@ def test_each_loss_term_appears_with_its_weight():
     terms = {"loss_c": 1.0, "loss_gan": 10.0, "loss_const": 100.0, "loss_tid": 1000.0, "loss_tv": 10000.0}
     losses = {k: torch.tensor(v) for k, v in terms.items()}
     args = SimpleNamespace(alpha=2.0, beta=3.0, gamma=5.0, delta=7.0, dtn_const=11.0, dtn_tid=13.0, dtn_tv=17.0)
-    tos = tos_emoji.generator_loss("tos", args, losses)
+    tos = tos_emoji.tos_generator_loss(args, losses)
     assert tos.item() == pytest.approx(1 + 2 * 10 + 3 * 100 + 5 * 1000 + 7 * 10000)
-    dtn = tos_emoji.generator_loss("dtn", args, losses)
+    dtn = tos_emoji.dtn_generator_loss(args, losses)
     assert dtn.item() == pytest.approx(10 + 11 * 100 + 13 * 1000 + 17 * 10000)  # no L_c in DTN
     defaults = tos_emoji.Args()
     assert (defaults.alpha, defaults.beta, defaults.gamma, defaults.delta) == (0.01, 100.0, 1.0, 0.0005)  # §4.2

@@ -1,5 +1,6 @@
 """The emoji engine of tos_emoji.py (TOS §4.2): one-hot switch groups -> a flat cartoon emoji, and the exact
-ground-truth configuration of a synthetic identity."""
+ground-truth configuration of a synthetic identity; the experiment's data (face photos, f, the engine's sets); and
+the scoring of configurations against the ground truth."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from common import require
+from worlds import face_nets, faces
 
 
 # ======================================================================================================================
@@ -18,7 +21,7 @@ from PIL import Image, ImageDraw
 #
 # The paper's emoji engine (bitmoji.com) is private: an 813-D binary vector of one-hot switch groups
 # mapped to a cartoon face.  This section is our own, smaller engine for the synthetic face world of
-# ``common`` (section 7a): 11 ordered switch groups (EMOJI_GROUPS, 61 switches in all), a PIL renderer
+# worlds/faces.py: 11 ordered switch groups (EMOJI_GROUPS, 61 switches in all), a PIL renderer
 # of flat cartoon heads in the same framing as the world's photos (face centred, eyes at ~0.38 of the
 # height), and the "manually created emoji" of a synthetic identity made exact (ground_truth_config).
 #
@@ -709,3 +712,141 @@ def render_emoji_batch(configs, size: int = 64) -> torch.Tensor:
         out[i] = render_emoji(row, size)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
+
+# ======================================================================================================================
+# The experiment's data (tos_emoji.py): the photos s and the evaluation pairs, f, the engine's emoji sets, and all of
+# them on the device with f's codes (load_data). ``args`` is tos_emoji.Args.
+# ======================================================================================================================
+
+
+def face_source(args) -> str:
+    """Where the photos come from: --faces-dir, when given, means a face folder (whatever --faces says)."""
+    return "folder" if args.faces_dir else args.faces
+
+
+def synthetic_f_config(args) -> face_nets.FaceNetConfig:
+    """The synthetic f of a run (trained once per configuration, then read from the cache)."""
+    return face_nets.FaceNetConfig(steps=args.f_steps, world_seed=args.world_seed, style_aug=args.f_style_aug)
+
+
+def load_faces(args, device: torch.device) -> dict:
+    """The photos and f. Synthetic: s, eval (2 photos each) and f from the face world, with ground-truth
+    configurations. Real (celeba or a folder of chips): the identities with two or more photos are split in
+    half, one half as the evaluation set and the other as s (with the single-photo identities); f is dlib's."""
+    source = face_source(args)
+    if source == "synthetic":
+        s = faces.synthetic_faces("s", args.n_s, 1, 64, args.world_seed)
+        ev = faces.synthetic_faces("eval", args.n_eval, 2, 64, args.world_seed)
+        identities = [faces.sample_identity(args.world_seed, int(i)) for i in ev["identity"][0::2]]
+        pop = [faces.sample_identity(args.world_seed, int(i)) for i in s["identity"][:2000]]
+        f, f_metrics = face_nets.load_face_net(synthetic_f_config(args), device)
+        return {"s": s["images"], "x": ev["images"][0::2], "x2": ev["images"][1::2],
+                "identity": ev["identity"][0::2].tolist(),
+                "gt": torch.from_numpy(ground_truth_configs(identities)),
+                "gt_population": torch.from_numpy(ground_truth_configs(pop)), "f": f,
+                "f_source": f"synthetic f (ArcFace ResNet, {args.f_steps} steps"
+                            f"{f', style augmentation p={args.f_style_aug}' if args.f_style_aug else ''}; verification "
+                            f"{100 * f_metrics['accuracy']:.2f}% on held-out identities)",
+                "source": f"{s['source']}; eval: {ev['source']}"}
+    if source == "celeba":
+        data = faces.load_celeba(args.data_root, "all", face_nets.DLIB_INPUT_SIZE, args.download,
+                                 limit=args.n_s + 2 * args.n_eval)
+    else:
+        data = faces.load_face_folder(args.faces_dir, face_nets.DLIB_INPUT_SIZE)
+    ids = data["identity"].numpy()
+    rng = np.random.default_rng(args.seed)
+    multi = np.array([k for k in np.unique(ids) if (ids == k).sum() >= 2])
+    rng.shuffle(multi)
+    eval_ids = multi[:min(args.n_eval, len(multi) // 2)]
+    require(len(eval_ids) >= 2, f"{data['source']}: fewer than 4 identities with two photos; cannot evaluate")
+    first = [np.flatnonzero(ids == k)[:2] for k in eval_ids]
+    is_eval = np.isin(ids, eval_ids)
+    s_idx = np.flatnonzero(~is_eval)[:args.n_s]
+    return {"s": data["images"][s_idx], "x": data["images"][[a for a, _ in first]],
+            "x2": data["images"][[b for _, b in first]], "gt": None, "gt_population": None,
+            "identity": [int(k) for k in eval_ids],
+            "f": face_nets.load_dlib_face_net(device=device), "f_source": "dlib face-recognition ResNet (PyTorch port)",
+            "source": f"{data['source']}: {len(s_idx)} photos as s, {len(eval_ids)} identities x 2 for evaluation"}
+
+
+def photos_64(img: torch.Tensor) -> torch.Tensor:
+    """uint8 photos -> [-1, 1] at the emoji's size, 64x64 (real chips are 150x150)."""
+    return faces.resize_images(faces.to_float_images(img), 64)
+
+
+def load_data(args, device: torch.device) -> dict:
+    """s, t, e's pairs, the evaluation photos x and x' (with ground truth and its emoji), f, and f's codes of s, t and
+    x (f is fixed: they are computed once), all on the device; images stay uint8 until a batch is drawn."""
+    data = load_faces(args, device)
+    print(f"data: {data['source']}; f: {data['f_source']}")
+    data.update(emoji_sets(args.seed, args.n_e_train, args.n_t))
+    for k in ("s", "x", "x2", "u_e", "x_e", "t", "u_e_test", "x_e_test"):
+        data[k] = data[k].to(device)
+    if data["gt"] is not None:
+        data["gt"] = data["gt"].to(device)
+    with torch.no_grad():
+        for k in ("s", "t", "x"):
+            data[f"f_{k}"] = face_nets.embed(data["f"], data[k], device=device).to(device)
+    if data["gt"] is not None:
+        data["gt_emoji"] = render_emoji_batch(data["gt"].cpu()).to(device)
+    return data
+
+
+def emoji_sets(seed: int, n_e_train: int, n_t: int, n_test: int = 500) -> dict:
+    """The engine's emoji, uint8: e's and c-bar's training pairs (u_e, x_e = engine(u_e)), the target set t (and
+    its configurations u_t, never used in training), and held-out pairs for e and c-bar (u_e_test, x_e_test)."""
+    rng = np.random.default_rng(seed)
+    u_e = torch.from_numpy(random_configs(rng, n_e_train))
+    u_t = torch.from_numpy(random_configs(rng, n_t))
+    sets = {"u_e": u_e, "x_e": render_emoji_batch(u_e), "t": render_emoji_batch(u_t)}
+    sets["u_e_test"] = torch.from_numpy(random_configs(rng, n_test))
+    sets["x_e_test"] = render_emoji_batch(sets["u_e_test"])
+    return sets
+
+
+# ======================================================================================================================
+# Scoring against the ground truth (synthetic world): attribute accuracy, its chance and majority-class references,
+# and f across the two domains
+# ======================================================================================================================
+
+
+def _with_mean(per_group: dict) -> dict:
+    return {"per_group": per_group, "mean": float(np.mean(list(per_group.values())))}
+
+
+def group_accuracy(pred: torch.Tensor, gt: torch.Tensor) -> dict:
+    """Per-group accuracy of decoded configurations against the ground truth, and the mean over the groups."""
+    pred, gt = decode_config(pred), gt.to(pred.device)
+    return _with_mean({g: (pred[:, sl].argmax(1) == gt[:, sl].argmax(1)).float().mean().item()
+                       for g, sl in GROUP_SLICES.items()})
+
+
+def baseline_accuracy(gt: torch.Tensor, population: torch.Tensor) -> dict:
+    """Chance (a uniform guess in every group) and majority class (the population's commonest category)."""
+    chance = {g: 1.0 / (sl.stop - sl.start) for g, sl in GROUP_SLICES.items()}
+    majority = {g: (gt[:, sl].argmax(1) == population[:, sl].sum(0).argmax()).float().mean().item()
+                for g, sl in GROUP_SLICES.items()}
+    return {"chance": _with_mean(chance), "majority": _with_mean(majority)}
+
+
+@torch.no_grad()
+def cross_domain_rank(f, photos: torch.Tensor, emoji: torch.Tensor) -> dict:
+    """Rank of each emoji's own photo among all the photos, by the distance between f codes. Rank 1 is best; chance
+    is a median rank of (n + 1) / 2."""
+    fp, fe = f(photos), f(emoji)
+    dist = torch.cdist(fe, fp)
+    rank = (dist < dist.diagonal()[:, None]).sum(1) + 1  # ties count in the emoji's favour
+    n = len(photos)
+    return {"n": n, "median_rank": float(np.median(rank.cpu().numpy())), "r_at_1": (rank == 1).float().mean().item(),
+            "chance_median_rank": (n + 1) / 2, "chance_r_at_1": 1 / n}
+
+
+def f_across_domains(data: dict) -> dict:
+    """Before any GAN training (synthetic world): does f find each person's photo from their ground-truth emoji?"""
+    if data["gt"] is None:
+        return {}
+    m = cross_domain_rank(data["f"], faces.to_float_images(data["x"]), faces.to_float_images(data["gt_emoji"]))
+    print(f"f across domains: each ground-truth emoji ranks its own photo at median {m['median_rank']:.0f} of "
+          f"{m['n']} (chance {m['chance_median_rank']:.0f}); R@1 {100 * m['r_at_1']:.1f}% "
+          f"(chance {100 * m['chance_r_at_1']:.1f}%)")
+    return {"f_cross_domain": m}
