@@ -8,8 +8,9 @@ from PIL import Image
 
 from worlds import faces
 from worlds.vector_avatar import (ACCESSORIES, AVATAR_DIM, AVATAR_GROUPS, GROUP_SLICES, HAIRSTYLES, avatar_from_dict,
-                                   avatar_from_identity, avatar_primitives, avatar_svg, avatar_to_dict, hair_from_identity,
-                                   hair_names, render_avatar, render_avatar_batch, sample_avatars, validate_hair)
+                                   avatar_from_identity, avatar_primitives, avatar_svg, avatar_to_dict,
+                                   hair_from_identity, hair_names, render_avatar, render_avatar_batch, sample_avatars,
+                                   validate_hair)
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 

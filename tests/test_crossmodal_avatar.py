@@ -113,7 +113,7 @@ def test_plan_shares_variants_and_subsets_keep_whole_identities():
     assert {n for _, _, n in plan["table3"].values()} == {3995}
     assert [n for _, _, n in plan["fig8"].values()] == [9970, 3995, 1000, 500]
     pairs = {"identity": torch.arange(10).repeat_interleave(3)}
-    order = cm.pair_subset_order(pairs).numpy()
+    order = va.pair_subset_order(pairs).numpy()
     first6 = pairs["identity"][order[:6]].numpy()
     assert len(set(first6)) == 2 and sorted(order) == list(range(30))
 
@@ -213,11 +213,11 @@ def test_pairs_file_is_read_and_split_and_bad_lines_are_named(tmp_path):
             rec["split"] = "test"
         lines.append(json.dumps(rec))
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
-    sets = cm.file_pairs(str(tmp_path / "pairs.jsonl"), 32)
+    sets = va.file_pairs(str(tmp_path / "pairs.jsonl"), 32)
     assert [len(sets[s]["y"]) for s in ("train", "val", "test")] == [10, 1, 1]
     assert sets["train"]["x"].shape == (10, 3, 32, 32) and sets["test"]["identity"].tolist() == [12]
     assert torch.allclose(sets["val"]["y"][0], torch.from_numpy(y))
     (tmp_path / "bad.jsonl").write_text(lines[0] + "\n" + json.dumps({"photo": "p1.png", "avatar": [0.5] * 3}) + "\n")
     with pytest.raises(common.UsageError) as err:
-        cm.file_pairs(str(tmp_path / "bad.jsonl"), 32)
+        va.file_pairs(str(tmp_path / "bad.jsonl"), 32)
     assert "line 2: 'avatar' must be 629 numbers" in err.value.message

@@ -822,3 +822,71 @@ def mobilefacenet_input(chips: torch.Tensor) -> torch.Tensor:
     theta = theta.to(chips).expand(len(chips), 2, 3)
     grid = F.affine_grid(theta, [len(chips), 3, h, w], align_corners=False)
     return F.grid_sample(chips, grid, mode="bilinear", padding_mode="border", align_corners=False) * (127.5 / 128)
+
+
+# Fixed feature networks for L_perc and LPIPS (crossmodal_avatar): VGG19 or f's feature maps, and LPIPS ----------------
+
+VGG19_LAYERS = (3, 8, 17, 26, 35)  # relu1_2, relu2_2, relu3_4, relu4_4, relu5_4 of torchvision's vgg19().features
+
+
+class FeatureMaps(nn.Module):
+    """A frozen network that returns the feature maps of chosen layers of ``features`` for images in [-1, 1]."""
+
+    def __init__(self, features: nn.Sequential, layers, mean=None, std=None, size: int | None = None):
+        super().__init__()
+        self.features, self.layers, self.size = features[:max(layers) + 1], set(layers), size
+        self.register_buffer("mean", torch.tensor(mean or [0.5] * 3).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std or [0.5] * 3).view(1, 3, 1, 1))
+        freeze(self)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = ((x + 1) / 2 - self.mean) / self.std
+        if self.size:
+            x = resize_images(x, self.size)
+        out = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.layers:
+                out.append(x)
+        return out
+
+
+def vgg19_weights_on_disk() -> Path | None:
+    """torchvision's ImageNet VGG19 weights in torch hub's cache, if someone put them there."""
+    import torchvision
+    name = Path(torchvision.models.VGG19_Weights.IMAGENET1K_V1.url).name
+    path = Path(torch.hub.get_dir()) / "checkpoints" / name
+    return path if path.is_file() else None
+
+
+def perceptual_network(choice: str, f_net: nn.Module | None) -> tuple[nn.Module, str]:
+    """The feature maps of a perceptual loss and their description: ImageNet VGG19 for ``choice`` vgg19 (or auto
+    when its weights are on disk), else those of the synthetic f (``choice`` f, or auto without VGG19)."""
+    if choice == "vgg19" or (choice == "auto" and vgg19_weights_on_disk() is not None):
+        import torchvision
+        try:
+            vgg = torchvision.models.vgg19(weights=torchvision.models.VGG19_Weights.IMAGENET1K_V1)
+        except Exception as exc:
+            raise UsageError(f"--perc-net vgg19: cannot load ImageNet VGG19 ({type(exc).__name__}: {exc}); "
+                             f"use --perc-net f") from None
+        return (FeatureMaps(vgg.features, VGG19_LAYERS, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+                "ImageNet VGG19 (torchvision), relu1_2, relu2_2, relu3_4, relu4_4, relu5_4 (as the paper)")
+    assert f_net is not None
+    # f's stem and its four residual stages (FaceIdentityNet.features: conv, BN, ReLU, then 4 blocks)
+    net = FeatureMaps(f_net.features, (2, 3, 4, 5, 6), [0.5] * 3, [0.5] * 3, size=f_net.in_size)
+    why = "no ImageNet VGG19 weights on disk" if choice == "auto" else "chosen with --perc-net f"
+    return net, (f"the synthetic face network f's stem and 4 residual stages (face_nets.FaceIdentityNet; {why}; the "
+                 f"paper uses ImageNet VGG19)")
+
+
+def lpips_metric() -> tuple[nn.Module | None, str]:
+    """LPIPS (AlexNet) when the `lpips` package and its ImageNet backbone are available, else (None, why)."""
+    try:
+        import lpips
+    except Exception:
+        return None, "not computed: the `lpips` package is not installed (and its ImageNet backbone cannot be " \
+                     "downloaded offline)"
+    try:
+        return freeze(lpips.LPIPS(net="alex", verbose=False)), "LPIPS (AlexNet, lpips package)"
+    except Exception as exc:
+        return None, f"not computed: LPIPS could not load its backbone ({type(exc).__name__})"

@@ -1,17 +1,24 @@
 """The 629-D vector avatar engine of crossmodal_avatar.py (§3, §4.3, §4.4): the parameter table, the ground truth
-of a synthetic identity, a hair bank, and one display list rendered by PIL and written as SVG."""
+of a synthetic identity, a hair bank, and one display list rendered by PIL and written as SVG; and the experiment's
+paired data (§3, §4.5): portraits with their avatars, the unpaired sets, the portraits' augmentations; and a test
+set's avatars rendered (§5): Table 1's metrics, the figures and eval_retrieval's probes."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from worlds import faces
+
+from common import UsageError, atomic_write, require, save_grid, save_probes
+from worlds import face_nets, faces
 
 
 
@@ -23,7 +30,7 @@ from worlds import faces
 # Bezier curves (contours, outlines), polygons (fills, highlights, shadows) and composites (eyebrows, hair) drawn in
 # artist order with tapered line ends (§4.4, Fig. 4). Hair and accessories live outside the vector and come from a
 # bank (§4.3). Their engine, its 629 parameters and its 470 hairstyles are not public: this section is our own engine
-# with the paper's dimension and primitives, for the synthetic face world of common (7a), whose identities map
+# with the paper's dimension and primitives, for the synthetic face world of worlds/faces.py, whose identities map
 # exactly to their avatar vector (avatar_from_identity: the paper's artist-made avatars, made exact).
 #
 # Parameter table (AVATAR_GROUPS; every entry in [0, 1]; "pts" are (x, y) pairs in the unit canvas, x 0 = left ..
@@ -656,6 +663,12 @@ def sample_avatars(n: int, seed: int, jitter: float = 0.006) -> np.ndarray:
 #: Accessory categories (the synthetic world's, faces.FACE_CATEGORICAL).
 ACCESSORIES: dict[str, tuple[str, ...]] = {"glasses": ("none", "round", "square"),
                                            "facial_hair": ("none", "moustache", "beard", "goatee")}
+#: The face-world attributes (indices into faces.ATTRIBUTE_NAMES) that describe hair and accessories: those the
+#: bank's nearest-neighbour search compares (§4.3 retrieves "the best hair and accessory parameters"; eye size or nose
+#: width only add noise to that search).
+HAIR_ATTRIBUTES = tuple(i for i, n in enumerate(faces.ATTRIBUTE_NAMES)
+                        if n == "hairline" or n.split(".")[0] == "hair" or n.split("=")[0] in
+                        ("hair_style", "glasses", "facial_hair"))
 
 
 @dataclass(frozen=True)
@@ -1403,3 +1416,212 @@ def avatar_svg(y, size: int = 512, hair: dict | None = None) -> str:
                                                 "ry": f"{ry:.2f}", **a})
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode")
 
+
+def save_avatar(stem: Path, y, size: int, hair: dict | None = None) -> np.ndarray:
+    """<stem>.png (PIL, ``size`` px) and <stem>.svg of one avatar vector, each written atomically; the PNG's pixels."""
+    img = render_avatar(y, size, hair)
+    atomic_write(f"{stem}.png", lambda tmp: Image.fromarray(img).save(tmp, format="PNG"))
+    atomic_write(f"{stem}.svg", lambda tmp: Path(tmp).write_text(avatar_svg(y, size, hair)))
+    return img
+
+
+# ======================================================================================================================
+# Paired data (§3, §4.5): unpaired portraits and avatar vectors, the pairs, the validation and test identities
+# ======================================================================================================================
+
+SYNTHETIC_RENDER_MAX = 128   # the synthetic world renders at most 152 px; the paper preset upsamples 128 -> 256
+
+
+def _coin(n: int, p: float, device, gen: torch.Generator | None) -> torch.Tensor:
+    """(n, 1, 1, 1) booleans, each True with probability p."""
+    return (torch.rand(n, device=device, generator=gen) < p).view(n, 1, 1, 1)
+
+
+def augment_portraits(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+    """§4.5's augmentations, each on a random half (or fifth) of the batch: Gaussian blur (sigma up to 1.5 px at
+    64 px), rotation (up to 10 degrees), horizontal flip, grayscale. x in [-1, 1]."""
+    n, dev = x.shape[0], x.device
+    x = torch.where(_coin(n, 0.5, dev, gen), x.flip(3), x)
+    angle = (torch.rand(n, device=dev, generator=gen) * 2 - 1) * math.radians(10) * _coin(n, 0.5, dev, gen).view(n)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
+                         torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    sigma = torch.rand(n, device=dev, generator=gen) * 1.5 * x.shape[-1] / 64 * _coin(n, 0.3, dev, gen).view(n)
+    x = face_nets.blur(x, sigma)
+    grey = x.mul(torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return torch.where(_coin(n, 0.2, dev, gen), grey.expand_as(x), x)
+
+
+def synthetic_pairs(split: str, n_identities: int, per_identity: int, size: int, world_seed: int,
+                    limit: int | None = None) -> dict:
+    """Photos of a face-world split with their ground-truth avatars and hair: the synthetic paired data."""
+    data = faces.synthetic_faces(split, n_identities, per_identity, size, world_seed)
+    ids = data["identity"].numpy()
+    if limit is not None:
+        ids = ids[:limit]
+    people = {int(i): faces.sample_identity(world_seed, int(i)) for i in np.unique(ids)}
+    y = np.stack([avatar_from_identity(people[int(i)]) for i in ids])
+    return {"x": data["images"][:len(ids)], "y": torch.from_numpy(y), "identity": torch.from_numpy(ids),
+            "hair": [hair_from_identity(people[int(i)]) for i in ids],
+            "attributes": torch.from_numpy(np.stack([faces.attribute_vector(people[int(i)]) for i in ids])),
+            "source": data["source"] + (f" (first {limit})" if limit is not None else "")}
+
+
+def file_pairs(path: str, size: int) -> dict[str, dict]:
+    """Real pairs from --pairs-file (format in crossmodal_avatar's --pairs-file help), split by their "split" field."""
+    root = Path(path).parent
+    rows: dict[str, list] = {"train": [], "val": [], "test": []}
+    with open(path) as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                y = np.asarray(rec["avatar"], np.float32)
+                split = rec.get("split", "train")
+                hair = rec.get("hair")
+                if hair is not None:
+                    validate_hair(hair)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise UsageError(f"--pairs-file: line {n}: {type(exc).__name__}: {exc}") from None
+            require(y.shape == (AVATAR_DIM,) and np.isfinite(y).all() and y.min() >= 0 and y.max() <= 1,
+                    f"--pairs-file: line {n}: 'avatar' must be {AVATAR_DIM} numbers in [0, 1]")
+            require(split in rows, f"--pairs-file: line {n}: 'split' must be train, val or test, not {split!r}")
+            photo = root / rec["photo"]
+            try:
+                with Image.open(photo) as img:
+                    pixels = np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), np.uint8)
+            except Exception as exc:
+                raise UsageError(f"--pairs-file: line {n}: cannot read {photo} ({type(exc).__name__})") from None
+            rows[split].append((pixels, y, hair, n))
+    require(len(rows["train"]) >= 2, "--pairs-file: fewer than 2 training pairs")
+    for s in ("val", "test"):  # without a split field, a tenth of the pairs each
+        if not rows[s]:
+            k = max(1, len(rows["train"]) // 10)
+            rows[s], rows["train"] = rows["train"][-k:], rows["train"][:-k]
+    out = {}
+    for s, rs in rows.items():
+        out[s] = {"x": torch.from_numpy(np.stack([r[0] for r in rs])).permute(0, 3, 1, 2).contiguous(),
+                  "y": torch.from_numpy(np.stack([r[1] for r in rs])), "identity": torch.tensor([r[3] for r in rs]),
+                  "hair": [r[2] for r in rs], "attributes": None,
+                  "source": f"{path}: {len(rs)} {s} pairs"}
+    return out
+
+
+def load_data(args) -> dict:
+    """Every data set of a crossmodal_avatar run (its Args), as uint8 images and float avatar vectors on the CPU:
+    photos (unpaired portraits), vectors (unpaired avatars), pairs / val / test (portrait, avatar, hair)."""
+    render = min(args.image_size, SYNTHETIC_RENDER_MAX)
+    if args.faces_dir or args.faces == "folder":
+        folder = faces.load_face_folder(args.faces_dir, args.image_size, limit=args.n_photos)
+        photos, photo_source = folder["images"], folder["source"]
+    else:
+        s = faces.synthetic_faces("s", args.n_photos, 1, render, args.world_seed)
+        photos, photo_source = s["images"], s["source"]
+    vectors = torch.from_numpy(sample_avatars(args.n_vectors, args.world_seed + 7919, args.vector_jitter))
+    vector_source = (f"{args.n_vectors} avatars sampled from the face world's prior (identities of world seed "
+                     f"{args.world_seed + 7919}, jitter {args.vector_jitter})")
+    if args.pairs_file:
+        sets = file_pairs(args.pairs_file, render)
+        pairs, val, test = sets["train"], sets["val"], sets["test"]
+    else:
+        most = max(args.n_pairs, args.table1_pairs, *args.fig8_sizes)
+        per = math.ceil(most / args.pair_identities)
+        pairs = synthetic_pairs("pairs", args.pair_identities, per, render, args.world_seed, limit=most)
+        val = synthetic_pairs("val", args.n_val, 1, render, args.world_seed)
+        test = synthetic_pairs("eval", args.n_eval, 2, render, args.world_seed)
+    return {"photos": photos, "photo_source": photo_source, "vectors": vectors, "vector_source": vector_source,
+            "pairs": pairs, "val": val, "test": test}
+
+
+def pair_subset_order(pairs: dict, seed: int = 0) -> torch.Tensor:
+    """The order in which pairs enter a subset of size N (Table 1's 3,995, Fig. 8's sizes): whole identities in a
+    fixed shuffle, so a smaller set has fewer people (fewer avatars an artist had to make), each with all its photos."""
+    ids = pairs["identity"].numpy()
+    people = np.unique(ids)
+    np.random.default_rng([0xF8, seed]).shuffle(people)
+    return torch.from_numpy(np.concatenate([np.flatnonzero(ids == p) for p in people]))
+
+
+def read_portrait(path: str, size: int) -> torch.Tensor:
+    """A portrait file as uint8 (3, size, size): centre-cropped to a square, resized; a bad file is a usage error."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except Exception as exc:
+        raise UsageError(f"--apply: cannot read {path} ({type(exc).__name__}: {exc})") from None
+    w, h = img.size
+    side = min(w, h)
+    img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    return torch.from_numpy(np.array(img.resize((size, size), Image.BICUBIC), np.uint8)).permute(2, 0, 1)
+
+
+# ======================================================================================================================
+# A test set's avatars rendered (§5): Table 1's metrics, the comparison grid and 512 px renders, eval_retrieval probes
+# ======================================================================================================================
+
+
+def avatar_metrics(y_hat: torch.Tensor, y: torch.Tensor, hair_hat: list[dict], hair: list[dict], size: int,
+                   gt_face: torch.Tensor, gt_full: torch.Tensor, lpips_net=None) -> dict:
+    """Table 1 analogue on held-out identities: the L1 between the rendered predicted avatar and the rendered
+    ground truth (pixels in [0, 1], mean over pixels, channels and faces), of the face alone (the 629 parameters F
+    predicts) and of the whole avatar with its retrieved hair; the parameter MSE; LPIPS when available."""
+    face = render_avatar_batch(y_hat.cpu(), size).float() / 255
+    full = render_avatar_batch(y_hat.cpu(), size, hair_hat).float() / 255
+    out = {"l1_face": (face - gt_face).abs().mean().item(), "l1_avatar": (full - gt_full).abs().mean().item(),
+           "param_mse": (y_hat.cpu() - y.cpu()).pow(2).mean().item()}
+    if lpips_net is not None:
+        with torch.no_grad():
+            out["lpips"] = lpips_net(full * 2 - 1, gt_full * 2 - 1).mean().item()
+    return out
+
+
+def make_evaluator(test: dict, hair_hat: list[dict], truth_hair: list[dict], size: int):
+    """avatar_metrics against the test avatars, rendered once (face alone and with hair): (evaluate, the rendered
+    ground truth with hair, what LPIPS is)."""
+    gt_face = render_avatar_batch(test["y"], size).float() / 255
+    gt_full = render_avatar_batch(test["y"], size, truth_hair).float() / 255
+    lpips_net, lpips_note = face_nets.lpips_metric()
+    evaluate = partial(avatar_metrics, y=test["y"], hair_hat=hair_hat, hair=truth_hair, size=size, gt_face=gt_face,
+                       gt_full=gt_full, lpips_net=lpips_net)
+    return evaluate, gt_full, lpips_note
+
+
+def first_photos(test: dict) -> np.ndarray:
+    """Index of the first test portrait of each identity."""
+    ids = test["identity"].numpy()
+    return np.array([np.flatnonzero(ids == p)[0] for p in dict.fromkeys(ids.tolist())])
+
+
+def write_figures(out: Path, test: dict, gt_full: torch.Tensor, y_ours: torch.Tensor, y_base: torch.Tensor | None,
+                  hair_hat: list[dict], size: int):
+    """grid.png: photo | ground-truth avatar | ours | baseline, one identity per row, at ``size`` px; res512/: four
+    of our avatars as 512 px PNGs and SVGs; res512.png: those four side by side."""
+    rows = first_photos(test)[:12]
+    hair = [hair_hat[i] for i in rows]
+    cols = [faces.resize_images(faces.to_float_images(test["x"][rows]), size), gt_full[rows] * 2 - 1]
+    cols += [render_avatar_batch(y[rows], size, hair).float() / 127.5 - 1 for y in (y_ours, y_base) if y is not None]
+    save_grid(torch.stack(cols, 1).flatten(0, 1), out / "grid.png", nrow=len(cols))
+    (out / "res512").mkdir(exist_ok=True)
+    big = [save_avatar(out / "res512" / f"ours_{k:04d}", y_ours[k].numpy(), 512, hair_hat[k]) for k in rows[:4]]
+    Image.fromarray(np.concatenate(big, 1)).save(out / "res512.png")
+
+
+def save_avatar_probes(out: Path, test: dict, y_ours: torch.Tensor, y_base: torch.Tensor | None, hair_hat: list[dict],
+                       truth_hair: list[dict]):
+    """eval_retrieval.py's probes (common.save_probes): the two photos of each test identity (photo_x, photo_x2)
+    and, from the first photo, the ground-truth avatar, ours and the baseline's, at 64 px."""
+    ids, first = test["identity"].numpy(), first_photos(test)
+    second = np.array([np.flatnonzero(ids == ids[i])[1] if (ids == ids[i]).sum() > 1 else -1 for i in first])
+    if (second < 0).any():
+        print("probes: skipped (eval_retrieval needs two photos of every test identity)")
+        return
+    photos = faces.to_float_images(test["x"])
+    sets = {"photo_x": faces.resize_images(photos[first], 64), "photo_x2": faces.resize_images(photos[second], 64)}
+    hair, truth = [hair_hat[i] for i in first], [truth_hair[i] for i in first]
+    for name, y, h in (("gt_avatar", test["y"], truth), ("ours", y_ours, hair), ("baseline", y_base, hair)):
+        if y is not None:
+            sets[name] = faces.to_float_images(render_avatar_batch(y[first], 64, h))
+    save_probes(out, sets, [int(ids[i]) for i in first])
