@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
 import textwrap
@@ -108,33 +109,16 @@ def auto_preset(args) -> tuple[str, str]:
     return "quick", "auto: no CUDA device, so the CPU recipe"
 
 
-def sample_batch(batch_size: int, x: torch.Tensor, *more: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """A random mini-batch (with replacement) of ``x`` and of the tensors aligned with it, drawn on their device:
-    no loader, no host sync."""
-    idx = torch.randint(len(x), (batch_size,), device=x.device)
-    return (x[idx], *(m[idx] for m in more))
-
-
-def run_main(main, script: str):
-    """``sys.exit(main())``, with a NaN stop reported as one line and exit code 1."""
-    try:
-        sys.exit(main())
-    except NonFiniteLoss as exc:
-        print(f"{script}: error: {exc}", file=sys.stderr)
-        sys.exit(1)
-
-
 _UNSET = object()
 HIDDEN = {"interrupt_at"}  # test-only hooks: flags that work but do not appear in --help
 
 
 def _parse_bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    value = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+             "off": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
 
 
 def _parse_ints(text: str) -> tuple[int, ...]:
@@ -556,12 +540,10 @@ class GracefulInterrupt:
               file=sys.stderr)
 
     def __enter__(self):
-        import signal
         self._previous = signal.signal(signal.SIGINT, self._handler)
         return self
 
     def __exit__(self, *exc):
-        import signal
         signal.signal(signal.SIGINT, self._previous)
         return False
 
@@ -679,3 +661,19 @@ class PhaseRunner:
                 self.checkpoint(names[i_phase + 1] if i_phase + 1 < len(names) else "done", 0)
         self.log.close()
         return True
+
+
+def sample_batch(batch_size: int, x: torch.Tensor, *more: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A random mini-batch (with replacement) of ``x`` and of the tensors aligned with it, drawn on their device:
+    no loader, no host sync."""
+    idx = torch.randint(len(x), (batch_size,), device=x.device)
+    return (x[idx], *(m[idx] for m in more))
+
+
+def run_main(main, script: str):
+    """``sys.exit(main())``, with a NaN stop reported as one line and exit code 1."""
+    try:
+        sys.exit(main())
+    except NonFiniteLoss as exc:
+        print(f"{script}: error: {exc}", file=sys.stderr)
+        sys.exit(1)
