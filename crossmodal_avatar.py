@@ -30,7 +30,7 @@ Algorithm (§4.1, §4.2, §4.5):
 Baseline: E_s's code regressed directly to the 629 parameters on the same pairs (the route the paper argues
 overfits). Table 3 ablations: --ablation no_align / no_mse / no_cos / no_weight, or all of them with --table 3.
 
-Deviations from the paper (README.md has the details and the runs behind them):
+Deviations from the paper (README.md has the table; docs/crossmodal_avatar.md the runs behind it):
   * The engine, the pairs and the avatars are ours (worlds/vector_avatar.py: the paper's 629 dimensions and
     primitives): 393 synthetic identities x 26 photos with their exact avatars; the paper's data are private.
   * Portraits are 64 px in the quick preset; the paper preset renders 128 px (the world's limit), upsampled to 256.

@@ -134,7 +134,7 @@ class Args(common.RunArgs):
 
 PRESETS = {
     "paper": {},
-    # quick: the CPU recipe (README, "How the schedule was chosen")
+    # quick: the CPU recipe (docs/dtn_digits.md, "How the schedule was chosen")
     "quick": dict(f_widths=(16, 32, 64, 128), g_widths=(32, 32, 32), d_widths=(16, 32, 64), n_synthetic=20000,
                   n_synthetic_test=2000, f_steps=1500, clf_steps=800, dtn_steps=3000, batch_size=64,
                   log_every=50, ckpt_every=250),

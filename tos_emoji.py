@@ -27,7 +27,7 @@ c-bar (c trained to invert the engine on its renders); TOS fixed c-bar (c frozen
 the engine's renders as the labelled source, photos as the target; features p, label predictor l, and a domain
 classifier behind a gradient reversal).
 
-Deviations from the paper (the README gives the reasons and the runs behind them):
+Deviations from the paper (README.md gives the reasons; docs/tos_emoji.md the runs behind them):
   * Bitmoji's engine is private: ours (worlds/emoji.py) has 11 one-hot groups, 61 switches against the paper's 813;
     its ground truth of a synthetic identity makes the paper's "manual" emoji exact.
   * f is not DeepFace: the synthetic world's ArcFace ResNet, trained on photos only with style-removing augmentations

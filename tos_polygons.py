@@ -25,7 +25,7 @@ Evaluation the paper lacks, over --n-eval samples of each model (``tied_metrics`
 e-compliance ||G(z) - e(c(G(z)))||^2 (DCGAN uses c-bar, trained to invert e on real renders), validity (the MSE to
 the best-fitting real render, by grid search) and coverage (the fitted parameters against the uniform prior).
 
-Deviations from the paper (README.md has the table, and the runs behind it):
+Deviations from the paper (README.md has the table; docs/tos_polygons.md the runs behind it):
   * Schedule: the paper gives none; we use dcgan.torch's defaults (Adam, lr 2e-4, beta1 0.5, batch 64), the code
     §4.1 used for the baseline, and fixed step counts (the "ours" block of Args).
   * G's loss is dcgan.torch's non-saturating -log d(G(z)), not Eq. 7's log(1 - d(G(z))): same fixed point.
