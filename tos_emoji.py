@@ -330,61 +330,9 @@ def dtn_generator_loss(args: Args, L: dict) -> torch.Tensor:
 
 
 # ======================================================================================================================
-# ALGO LOGIC: one training step per phase, each returning its losses as tensors (read on the host only when logged)
+# ALGO LOGIC: one training step per phase, each returning its losses as tensors (read on the host only when logged):
+# TOS, its baselines, the supervised pretraining of e and c-bar, then the small pieces they share
 # ======================================================================================================================
-
-
-def for_d(img: torch.Tensor, args: Args) -> torch.Tensor:
-    """d sees emoji "scaled-up" to d_size (§4.2)."""
-    return faces.resize_images(img, args.d_size)
-
-
-class PhaseClock:
-    """The step's index in its phase (d's schedule, DANN's reversal weight); d's last loss, for steps that skip d."""
-
-    def __init__(self, start_step: int, device: torch.device):
-        self.step, self.loss_d = start_step, torch.zeros((), device=device)
-
-    def next(self) -> int:
-        self.step += 1
-        return self.step - 1
-
-
-def update_e(e, opt_e, data: dict, args: Args) -> dict:
-    """e mimics the engine, supervised on (u, engine(u)) pairs (§4.2); e reads u on the {-1, 1} scale."""
-    u, x = common.sample_batch(args.batch_size, data["u_e"], data["x_e"])
-    # minimize ||e(u) - engine(u)||^2
-    loss_e = F.mse_loss(e(2 * u - 1), to_float(x))
-    opt_e.zero_grad(set_to_none=True)
-    loss_e.backward()
-    opt_e.step()
-    return {"loss_e": loss_e}
-
-
-def update_cbar(cbar, opt_cbar, data: dict, args: Args) -> dict:
-    """c-bar inverts the engine, supervised on its renders (§4.2)."""
-    u, x = common.sample_batch(args.batch_size, data["u_e"], data["x_e"])
-    # minimize ||c-bar(engine(u)) - u||^2, u on c's {-1, 1} scale
-    loss_cbar = F.mse_loss(cbar(to_float(x)), 2 * u - 1)
-    opt_cbar.zero_grad(set_to_none=True)
-    loss_cbar.backward()
-    opt_cbar.step()
-    return {"loss_cbar": loss_cbar}
-
-
-def update_d(opt_d, loss_d: torch.Tensor) -> torch.Tensor:
-    """One step of d on its loss; returns the loss, detached, for the log."""
-    opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    opt_d.step()
-    return loss_d.detach()
-
-
-def gan_batch(g, data: dict, args: Args):
-    """A GAN step's batch: f(x) for photos x in s (codes computed once), emoji x' in t, G(x) and G(x')."""
-    (fx,) = common.sample_batch(args.batch_size, data["f_s"])
-    x_t, ft = common.sample_batch(args.batch_size, data["t"], data["f_t"])
-    return fx, to_float(x_t), g(fx), g(ft)
 
 
 def update_tos(g, d, c, e, opt_g, opt_d, opt_c, data: dict, args: Args, clock: PhaseClock) -> dict:
@@ -454,6 +402,59 @@ def update_dann(net: DANN, opt, data: dict, args: Args, clock: PhaseClock) -> di
     (loss_label + loss_domain).backward()
     opt.step()
     return {"loss_label": loss_label, "loss_domain": loss_domain}
+
+
+def update_e(e, opt_e, data: dict, args: Args) -> dict:
+    """e mimics the engine, supervised on (u, engine(u)) pairs (§4.2); e reads u on the {-1, 1} scale."""
+    u, x = common.sample_batch(args.batch_size, data["u_e"], data["x_e"])
+    # minimize ||e(u) - engine(u)||^2
+    loss_e = F.mse_loss(e(2 * u - 1), to_float(x))
+    opt_e.zero_grad(set_to_none=True)
+    loss_e.backward()
+    opt_e.step()
+    return {"loss_e": loss_e}
+
+
+def update_cbar(cbar, opt_cbar, data: dict, args: Args) -> dict:
+    """c-bar inverts the engine, supervised on its renders (§4.2)."""
+    u, x = common.sample_batch(args.batch_size, data["u_e"], data["x_e"])
+    # minimize ||c-bar(engine(u)) - u||^2, u on c's {-1, 1} scale
+    loss_cbar = F.mse_loss(cbar(to_float(x)), 2 * u - 1)
+    opt_cbar.zero_grad(set_to_none=True)
+    loss_cbar.backward()
+    opt_cbar.step()
+    return {"loss_cbar": loss_cbar}
+
+
+def update_d(opt_d, loss_d: torch.Tensor) -> torch.Tensor:
+    """One step of d on its loss; returns the loss, detached, for the log."""
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    return loss_d.detach()
+
+
+def gan_batch(g, data: dict, args: Args):
+    """A GAN step's batch: f(x) for photos x in s (codes computed once), emoji x' in t, G(x) and G(x')."""
+    (fx,) = common.sample_batch(args.batch_size, data["f_s"])
+    x_t, ft = common.sample_batch(args.batch_size, data["t"], data["f_t"])
+    return fx, to_float(x_t), g(fx), g(ft)
+
+
+def for_d(img: torch.Tensor, args: Args) -> torch.Tensor:
+    """d sees emoji "scaled-up" to d_size (§4.2)."""
+    return faces.resize_images(img, args.d_size)
+
+
+class PhaseClock:
+    """The step's index in its phase (d's schedule, DANN's reversal weight); d's last loss, for steps that skip d."""
+
+    def __init__(self, start_step: int, device: torch.device):
+        self.step, self.loss_d = start_step, torch.zeros((), device=device)
+
+    def next(self) -> int:
+        self.step += 1
+        return self.step - 1
 
 
 TRAINED = {"e": ["e"], "cbar": ["cbar"], "tos": ["tos_g", "tos_d", "tos_c"], "dtn": ["dtn_g", "dtn_d"],
