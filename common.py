@@ -516,6 +516,15 @@ def check_finite(phase: str, step: int, losses: dict[str, float]):
                                 f"or resume from the last checkpoint with another seed)")
 
 
+def progress(iterable=None, *, desc: str, total: int | None = None, unit: str = "it", initial: int = 0):
+    """A step that takes more than a few seconds says what it does: on a terminal a tqdm bar with its rate and the
+    time left; elsewhere (a log file, CI) its description as one line, printed once. Both go to stderr, as tqdm's
+    bars do, so that stdout keeps the run's results."""
+    if not sys.stderr.isatty():
+        print(f"{desc} ...", file=sys.stderr, flush=True)
+    return tqdm(iterable, desc=desc, total=total, unit=unit, initial=initial, dynamic_ncols=True, disable=None)
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
@@ -634,8 +643,8 @@ class PhaseRunner:
             for i_phase in range(self.phase_i, len(names)):
                 phase, total = names[i_phase], self.phases[names[i_phase]]
                 train_step = setup(phase, step)
-                bar = tqdm(range(step, total), initial=step, total=total, desc=f"{phase:>5}", dynamic_ncols=True,
-                           disable=None)
+                bar = progress(range(step, total), desc=f"train {phase}: {total:,} steps", total=total, unit="step",
+                               initial=step)
                 for i in bar:
                     losses = train_step()
                     done, global_done = i + 1, global_done + 1

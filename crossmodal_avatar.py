@@ -152,6 +152,8 @@ class Args(common.RunArgs):
     """ours: the paper uses ImageNet VGG19. L_perc's features (Eq. 3): vgg19, f, or auto (vgg19 if on disk, else f)"""
     f_steps: int = 1500
     """ours: the paper has no f. Training steps of the synthetic f behind --perc-net f and H (cached)"""
+    f_identities: int = 1000
+    """ours: identities of the face world's f split (16 photos each) that train the synthetic f"""
     image_ae_steps: int = 100000
     """ours: the paper trains "until convergence" (§4.5). Steps of the image autoencoder"""
     param_ae_steps: int = 50000
@@ -176,7 +178,7 @@ PRESETS = {
                   param_ae_steps=15000, log_every=100, ckpt_every=1000),
 }
 DRY_RUN = dict(image_size=64, n_photos=64, n_vectors=256, pair_identities=8, n_pairs=64, table1_pairs=48,
-               fig8_sizes=(64, 32), n_val=8, n_eval=8, eval_size=64, es_widths=(8, 8, 8, 8), f_steps=2,
+               fig8_sizes=(64, 32), n_val=8, n_eval=8, eval_size=64, es_widths=(8, 8, 8, 8), f_steps=2, f_identities=64,
                image_ae_steps=2, param_ae_steps=2, mlp_hidden=32, latent=16, f_epochs=2, log_every=1,
                ckpt_every=2, batch_ae=8, batch_f=8)
 ABLATIONS = ("none", "no_align", "no_mse", "no_cos", "no_weight")
@@ -202,7 +204,8 @@ def validate(args: Args):
             f"--es-widths needs {n_layers} positive widths for --image-size {args.image_size} (one per halving to "
             f"4 px), got {args.es_widths}")
     at_least = {1: ("n_photos", "n_vectors", "pair_identities", "n_pairs", "table1_pairs", "n_val", "n_eval", "latent",
-                    "mlp_hidden", "batch_ae", "batch_f", "f_epochs", "f_seeds", "log_every", "ckpt_every", "f_steps"),
+                    "mlp_hidden", "batch_ae", "batch_f", "f_epochs", "f_seeds", "log_every", "ckpt_every", "f_steps",
+                    "f_identities"),
                 0: ("image_ae_steps", "param_ae_steps", "plateau_patience", "lambda_p", "lambda_r", "lambda_c",
                     "lambda_w", "lambda_1", "lambda_2", "vector_jitter")}
     for low, names in at_least.items():
@@ -264,7 +267,8 @@ def last_linear(net: nn.Module) -> nn.Linear:
 
 def synthetic_f_config(args: Args) -> face_nets.FaceNetConfig:
     """The synthetic f behind --perc-net f and H (tos_emoji's f: trained once per configuration, then cached)."""
-    return face_nets.FaceNetConfig(steps=args.f_steps, world_seed=args.world_seed, style_aug=1.0)
+    return face_nets.FaceNetConfig(steps=args.f_steps, identities=args.f_identities, world_seed=args.world_seed,
+                                   style_aug=1.0)
 
 
 class AttributeRegressor(nn.Module):
@@ -512,7 +516,7 @@ def train_mapping(kind: str, args: Args, nets: dict, z_s: torch.Tensor, y: torch
 def build_hair_bank(args: Args, f_net: nn.Module, pairs: dict, device: torch.device) -> tuple[nn.Module, dict]:
     """H, fitted on f's labelled training photos (a quarter of them), and the bank: one portrait of each paired
     identity with its hair and accessory parameters, and H's attributes of that portrait, precomputed (§4.3)."""
-    f_data = faces.synthetic_faces("f", 1000, 16, 64, args.world_seed)
+    f_data = faces.synthetic_faces("f", args.f_identities, 16, 64, args.world_seed)
     images, ids = f_data["images"][::4], f_data["identity"][::4].numpy()
     people = {int(i): faces.attribute_vector(faces.sample_identity(args.world_seed, int(i))) for i in np.unique(ids)}
     attributes = torch.from_numpy(np.stack([people[int(i)] for i in ids]))

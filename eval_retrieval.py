@@ -329,7 +329,7 @@ def distractor_codes(desc: Descriptor, distractors: torch.Tensor, source: str, a
     under the hash of that line and of the descriptor's weights: the 100,000 are embedded once per descriptor, and
     every later table (another run, another seed) reads them."""
     if args.world != "synthetic":
-        return face_nets.embed(desc, distractors, args.batch, device, desc="distractors")
+        return face_nets.embed(desc, distractors, args.batch, device, desc="embed the distractors")
     key = hashlib.sha1(f"{source} {len(distractors)} {tuple(distractors.shape)}".encode())
     for v in desc.state_dict().values():
         key.update(v.detach().cpu().contiguous().numpy().tobytes())
@@ -337,7 +337,7 @@ def distractor_codes(desc: Descriptor, distractors: torch.Tensor, source: str, a
     if path.is_file():
         print(f"distractor codes: read from {path}")
         return torch.load(path, weights_only=True)
-    code = face_nets.embed(desc, distractors, args.batch, device, desc="distractors")
+    code = face_nets.embed(desc, distractors, args.batch, device, desc="embed the distractors once (then cached)")
     common.atomic_write(path, lambda tmp: torch.save(code, tmp))
     return code
 

@@ -141,6 +141,8 @@ class Args(common.RunArgs):
     """ours: (configuration, render) pairs that train e and c-bar (the paper gives no number)"""
     f_steps: int = 1500
     """ours: training steps of the synthetic f (trained once, then cached); the paper's f is a pretrained DeepFace"""
+    f_identities: int = 1000
+    """ours: identities of the face world's f split (16 photos each) that train the synthetic f (DeepFace: 4,030)"""
     f_style_aug: float = 1.0
     """ours: probability of face_nets.style_augment per training photo of f (0 = flips only); DeepFace has none"""
     c_decode: str = "straight_through"
@@ -176,8 +178,8 @@ PRESETS = {
                   d_widths=(16, 32, 64, 128), dann_widths=(16, 32, 64, 128), d_size=64, batch_size=32, e_steps=2000,
                   cbar_steps=1000, gan_steps=1500, dann_steps=1000, log_every=50, ckpt_every=500),
 }
-DRY_RUN = dict(n_s=128, n_t=128, n_e_train=128, n_eval=16, f_steps=2, e_steps=2, cbar_steps=2, gan_steps=2,
-               dann_steps=2, log_every=1, ckpt_every=2, batch_size=8)
+DRY_RUN = dict(n_s=128, n_t=128, n_e_train=128, n_eval=16, f_steps=2, f_identities=64, e_steps=2, cbar_steps=2,
+               gan_steps=2, dann_steps=2, log_every=1, ckpt_every=2, batch_size=8)
 METHODS = ("tos", "dtn", "tos_fixed_cbar", "dann")
 LOG_FIELDS = ["loss_e", "loss_cbar", "loss_d", "loss_gan", "loss_c", "loss_const", "loss_tid", "loss_tv",
               "loss_label", "loss_domain"]
@@ -191,7 +193,8 @@ def validate(args: Args):
         require(getattr(args, name) in ok, f"--{name.replace('_', '-')} must be {', '.join(ok[:-1])} or {ok[-1]}")
     require(args.st_tau > 0, "--st-tau must be positive")
     require(0 <= args.f_style_aug <= 1, "--f-style-aug is a probability, in [0, 1]")
-    for name in ("n_s", "n_t", "n_e_train", "n_eval", "batch_size", "log_every", "ckpt_every", "f_steps", "d_every"):
+    for name in ("n_s", "n_t", "n_e_train", "n_eval", "batch_size", "log_every", "ckpt_every", "f_steps", "d_every",
+                 "f_identities"):
         require(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
     for name in ("e_steps", "cbar_steps", "gan_steps", "dann_steps", "alpha", "beta", "gamma", "delta", "dtn_const",
                  "dtn_tid", "dtn_tv"):
@@ -664,7 +667,7 @@ def apply_to_photos(args: Args, device: torch.device, out: Path) -> int:
         require(img.size[0] == img.size[1] and (img.size[0] == size or synthetic and 64 <= img.size[0] <= 152),
                 f"--apply: {path} is {img.size[0]}x{img.size[1]}, not an aligned {size}x{size} face chip "
                 f"(dlib's get_face_chip alignment, as in ../shared/data/celeba_aligned_150); crop and align it first")
-        photos.append(torch.from_numpy(np.asarray(img.resize((size, size)), np.uint8)).permute(2, 0, 1))
+        photos.append(torch.from_numpy(np.array(img.resize((size, size)), np.uint8)).permute(2, 0, 1))
     f = (face_nets.load_face_net(synthetic_f_config(run), device)[0] if synthetic
          else face_nets.load_dlib_face_net(device=device))
     with torch.no_grad():

@@ -165,9 +165,9 @@ def test_stage2_never_moves_the_autoencoders(dry_run):
         assert all(torch.equal(v, ckpt["nets"][k][n]) for n, v in model[k].items()), k
 
 
-def test_table3_and_fig8_reuse_the_autoencoders(dry_run, run, tmp_path, monkeypatch):
+def test_table3_and_fig8_reuse_the_autoencoders(dry_run, run_fast, tmp_path, monkeypatch):
     monkeypatch.setenv("AVATAR_REPRO_CACHE", str(dry_run.cache))
-    res = run("crossmodal_avatar.py", "--dry-run", "--table", "3,fig8", "--ae-from", str(dry_run.out),
+    res = run_fast("crossmodal_avatar.py", "--dry-run", "--table", "3,fig8", "--ae-from", str(dry_run.out),
               "--out", str(tmp_path / "t3"))
     assert res.returncode == 0, res.stdout + res.stderr
     metrics = json.loads((tmp_path / "t3" / "metrics.json").read_text())
@@ -176,11 +176,11 @@ def test_table3_and_fig8_reuse_the_autoencoders(dry_run, run, tmp_path, monkeypa
     assert "Table 3" in (tmp_path / "t3" / "table.md").read_text()
 
 
-def test_apply_writes_json_png_and_svg(dry_run, run, tmp_path, monkeypatch):
+def test_apply_writes_json_png_and_svg(dry_run, run_fast, tmp_path, monkeypatch):
     from PIL import Image
     monkeypatch.setenv("AVATAR_REPRO_CACHE", str(dry_run.cache))
     Image.fromarray(np.full((80, 100, 3), 128, np.uint8)).save(tmp_path / "me.png")
-    res = run("crossmodal_avatar.py", "--apply", str(tmp_path / "me.png"), "--ckpt", str(dry_run.out),
+    res = run_fast("crossmodal_avatar.py", "--apply", str(tmp_path / "me.png"), "--ckpt", str(dry_run.out),
               "--apply-size", "96", "--out", str(tmp_path / "apply"))
     assert res.returncode == 0, res.stdout + res.stderr
     rec = json.loads((tmp_path / "apply" / "me.json").read_text())
@@ -196,8 +196,8 @@ def test_apply_writes_json_png_and_svg(dry_run, run, tmp_path, monkeypatch):
     (["--apply", "x.png"], "--apply needs --ckpt"),
     (["--pairs-file", "/nonexistent.jsonl"], "--pairs-file: no file"),
 ])
-def test_bad_flags_are_one_line_errors(run, tmp_path, flags, message):
-    res = run("crossmodal_avatar.py", "--dry-run", "--out", str(tmp_path / "r"), *flags)
+def test_bad_flags_are_one_line_errors(run_fast, tmp_path, flags, message):
+    res = run_fast("crossmodal_avatar.py", "--dry-run", "--out", str(tmp_path / "r"), *flags)
     assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "r").exists()
 

@@ -107,15 +107,24 @@ def test_distort_digits_keeps_shape_and_range_and_follows_the_seed():
 TERMS = {"loss_d", "loss_gang", "loss_const", "loss_tid"}
 
 
+@pytest.fixture(scope="module")
+def table1(tmp_path_factory):
+    """One dry run of --table 1: a folder per row of Table 1, i.e. one run of every ablation."""
+    from conftest import run_in_process
+    tmp = tmp_path_factory.mktemp("dtn_table1")
+    out = tmp / "t1"
+    common = ["--dry-run", "--download", "false", "--data-root", str(tmp / "none"), "--f-steps", "2",
+              "--clf-steps", "2", "--dtn-steps", "2"]
+    return out, run_in_process("dtn_digits.py", "--table", "1", *common, "--out", str(out))
+
+
 @pytest.mark.parametrize("ablation, absent", [
     ("none", set()), ("no_tid", {"loss_tid"}), ("no_const", {"loss_const"}),
     ("no_const_tid", {"loss_const", "loss_tid"}), ("no_gan", {"loss_d", "loss_gang"}),
     ("g_without_f", set()), ("baseline", {"loss_tid"})])
-def test_each_ablation_removes_exactly_its_terms(run, tmp_path, ablation, absent):
+def test_each_ablation_removes_exactly_its_terms(table1, ablation, absent):
     import csv
-    out = tmp_path / ablation
-    res = run("dtn_digits.py", "--dry-run", "--download", "false", "--data-root", str(tmp_path / "none"),
-              "--ablation", ablation, "--dtn-steps", "2", "--f-steps", "1", "--clf-steps", "1", "--out", str(out))
+    out, res = table1[0] / ("dtn" if ablation == "none" else ablation), table1[1]
     assert res.returncode == 0, res.stderr
     rows = [r for r in csv.DictReader(open(out / "log.csv")) if r["phase"] == "dtn"]
     assert len(rows) == 2
@@ -160,18 +169,15 @@ def test_drop_class_removes_only_that_digit():
     (["--table", "4"], "--table"), (["--f-augment", "yes"], "--f-augment"),
     (["--pretrained", "/nonexistent/run"], "does not exist"),
     (["--table", "1", "--ablation", "no_tid"], "--table runs its own rows")])
-def test_bad_flags_fail_in_one_line(run, tmp_path, flags, message):
-    res = run("dtn_digits.py", "--dry-run", "--out", str(tmp_path / "x"), *flags)
+def test_bad_flags_fail_in_one_line(run_fast, tmp_path, flags, message):
+    res = run_fast("dtn_digits.py", "--dry-run", "--out", str(tmp_path / "x"), *flags)
     assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
 
 
-def test_table_1_dry_run_writes_every_row_and_resumes_without_training(run, tmp_path):
+def test_table_1_dry_run_writes_every_row_and_resumes_without_training(run_fast, table1):
     import json
-    out = tmp_path / "t1"
-    common = ["--dry-run", "--download", "false", "--data-root", str(tmp_path / "none"), "--f-steps", "2",
-              "--clf-steps", "2", "--dtn-steps", "2"]
-    res = run("dtn_digits.py", "--table", "1", *common, "--out", str(out), timeout=600)
+    out, res = table1
     assert res.returncode == 0, res.stderr
     table = json.loads((out / "table.json").read_text())
     labels = [r["row"] for r in table["rows"]]
@@ -182,30 +188,30 @@ def test_table_1_dry_run_writes_every_row_and_resumes_without_training(run, tmp_
     for row in ("baseline", "no_tid", "no_const", "g_without_f", "no_gan", "no_const_tid"):
         assert json.loads((out / row / "metrics.json").read_text())["pretrained"] == str(out / "dtn")
     before = (out / "dtn" / "ckpt.pt").stat().st_mtime_ns
-    res = run("dtn_digits.py", "--table", "1", "--resume", str(out))
+    res = run_fast("dtn_digits.py", "--table", "1", "--resume", str(out))
     assert res.returncode == 0, res.stderr
     assert (out / "dtn" / "ckpt.pt").stat().st_mtime_ns == before and "=== " not in res.stdout
 
 
-def test_table_0_is_a_single_run(run, tmp_path):
+def test_table_0_is_a_single_run(run_fast, tmp_path):
     out = tmp_path / "one"
-    res = run("dtn_digits.py", "--table", "0", "--dry-run", "--download", "false", "--data-root",
+    res = run_fast("dtn_digits.py", "--table", "0", "--dry-run", "--download", "false", "--data-root",
               str(tmp_path / "none"), "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert (out / "metrics.json").is_file() and not (out / "table_config.json").exists()
 
 
-def test_resume_refuses_other_data_than_the_run_began_on(run, tmp_path):
+def test_resume_refuses_other_data_than_the_run_began_on(run_fast, tmp_path):
     import json
     out, none = tmp_path / "run", str(tmp_path / "none")
-    res = run("dtn_digits.py", "--dry-run", "--download", "false", "--data-root", none, "--out", str(out),
+    res = run_fast("dtn_digits.py", "--dry-run", "--download", "false", "--data-root", none, "--out", str(out),
               "--interrupt-at", "4")
     assert res.returncode == 130 and (out / "ckpt.pt").is_file(), res.stderr
     began = json.loads((out / "data_source.json").read_text())
     assert began["s"].startswith("embedded") and began["t"].startswith("embedded")
     (out / "data_source.json").write_text(json.dumps({**began, "t": "MNIST test as t (torchvision)"}))
-    res = run("dtn_digits.py", "--resume", str(out))
+    res = run_fast("dtn_digits.py", "--resume", str(out))
     assert res.returncode == 2 and "began on other data" in res.stderr and not (out / "metrics.json").exists()
     (out / "data_source.json").write_text(json.dumps(began))
-    res = run("dtn_digits.py", "--resume", str(out))
+    res = run_fast("dtn_digits.py", "--resume", str(out))
     assert res.returncode == 0 and (out / "metrics.json").is_file(), res.stderr

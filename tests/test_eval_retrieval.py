@@ -76,7 +76,7 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def test_dry_run_on_a_synthetic_probe_folder(run, tmp_path, cache):
+def test_dry_run_on_a_synthetic_probe_folder(run, run_fast, tmp_path, cache):
     ids = faces.split_identity_indices("eval", 6)
     images, _ = faces.render_faces(ids, 2, 64, workers=1, progress=False)
     x, x2 = images[0::2], images[1::2]
@@ -94,13 +94,13 @@ def test_dry_run_on_a_synthetic_probe_folder(run, tmp_path, cache):
     lines = (out / "ranks.csv").read_text().splitlines()
     assert lines[0] == "file,identity,photo_x,copy_of_x2,tos_engine,random_probe" and len(lines) == 7
     # a second table reads the distractors' codes from the cache, and ranks exactly as the first
-    again = run("eval_retrieval.py", "--run", str(tmp_path / "mine"), "--dry-run", "--distractors", "20",
+    again = run_fast("eval_retrieval.py", "--run", str(tmp_path / "mine"), "--dry-run", "--distractors", "20",
                 "--out", str(tmp_path / "again"))
     assert again.returncode == 0 and "distractor codes: read from" in again.stdout, again.stderr
     assert (tmp_path / "again" / "ranks.csv").read_text() == (out / "ranks.csv").read_text()
 
 
-def test_a_face_folder_excludes_the_probe_identities_and_warns_about_dlib(run, tmp_path, cache):
+def test_a_face_folder_excludes_the_probe_identities_and_warns_about_dlib(run_fast, tmp_path, cache):
     folder = tmp_path / "faces"
     images, _ = faces.render_faces(faces.split_identity_indices("val", 5), 2, 150, workers=1, progress=False)
     for k, img in enumerate(images):
@@ -111,7 +111,7 @@ def test_a_face_folder_excludes_the_probe_identities_and_warns_about_dlib(run, t
     # tos_emoji writes faces "synthetic" beside a --faces-dir, which wins
     write_probes(tmp_path / "run", {"photo_x": small[[0, 2]], "photo_x2": small[[1, 3]]}, ["0", "1"],
                  {"faces": "synthetic", "faces_dir": str(folder)})
-    r = run("eval_retrieval.py", "--run", str(tmp_path / "run"))
+    r = run_fast("eval_retrieval.py", "--run", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     assert "warning: the run's f was dlib's network" in r.stdout
     metrics = json.loads((tmp_path / "run" / "retrieval" / "metrics.json").read_text())
@@ -120,22 +120,22 @@ def test_a_face_folder_excludes_the_probe_identities_and_warns_about_dlib(run, t
     assert check["pairs"] == 12 and 0 <= check["accuracy"] <= 1
 
 
-def test_bad_input_is_one_line(run, tmp_path):
+def test_bad_input_is_one_line(run_fast, tmp_path):
     for args, message in [
         ([], "--run DIR is required"),
         (["--run", str(tmp_path)], "no probes/metadata.csv or metadata.csv"),
         (["--run", str(tmp_path), "--descriptor", "mobilefacenet"], "needs --descriptor-ckpt"),
         (["--run", str(tmp_path), "--distractors", "0"], "--distractors must be at least 1"),
     ]:
-        r = run("eval_retrieval.py", *args)
+        r = run_fast("eval_retrieval.py", *args)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     (tmp_path / "metadata.csv").write_text("set,file,identity\nphoto_x,a.png,1\n")
-    r = run("eval_retrieval.py", "--run", str(tmp_path))
+    r = run_fast("eval_retrieval.py", "--run", str(tmp_path))
     assert r.returncode == 2 and "no set 'photo_x2'" in r.stderr
     assert not (tmp_path / "retrieval").exists()
 
 
-def test_a_missing_identity_or_an_unreadable_image_is_one_line(run, tmp_path):
+def test_a_missing_identity_or_an_unreadable_image_is_one_line(run_fast, tmp_path):
     img = torch.zeros(3, 3, 16, 16, dtype=torch.uint8)
     write_probes(tmp_path / "gap", {"photo_x2": img, "tos_engine": img}, ["7", "8", "9"])
     meta = tmp_path / "gap" / "metadata.csv"
@@ -144,7 +144,7 @@ def test_a_missing_identity_or_an_unreadable_image_is_one_line(run, tmp_path):
     (tmp_path / "broken" / "tos_engine" / "2.png").write_bytes(b"not a png")
     for folder, message in [("gap", "set tos_engine does not list the identities of photo_x2"),
                             ("broken", "cannot read " + str(tmp_path / "broken" / "tos_engine" / "2.png"))]:
-        r = run("eval_retrieval.py", "--run", str(tmp_path / folder))
+        r = run_fast("eval_retrieval.py", "--run", str(tmp_path / folder))
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / folder / "retrieval").exists()
 

@@ -108,31 +108,32 @@ def test_fixed_cbar_really_freezes_c(dry_run):
         assert torch.equal(v, final[k]), k  # neither TOS fixed c-bar nor DTN changed c-bar (nor its BN statistics)
 
 
-def test_apply_on_a_generated_photo(dry_run, run, tmp_path, monkeypatch):
+def test_apply_on_a_generated_photo(dry_run, run_fast, tmp_path, monkeypatch):
     out = dry_run.out
     photo = faces.render_photo(faces.sample_identity(0, 7), faces.canonical_nuisance(), 64)
     Image.fromarray(photo).save(tmp_path / "me.png")
     Image.fromarray(np.zeros((100, 80, 3), np.uint8)).save(tmp_path / "scene.png")
     monkeypatch.setenv("AVATAR_REPRO_CACHE", str(dry_run.cache))
-    res = run("tos_emoji.py", "--apply", str(tmp_path / "me.png"), "--ckpt", str(out), "--out", str(tmp_path / "a"))
+    res = run_fast("tos_emoji.py", "--apply", str(tmp_path / "me.png"), "--ckpt", str(out), "--out",
+                   str(tmp_path / "a"))
     assert res.returncode == 0, res.stderr
     config = json.loads((tmp_path / "a" / "me_config.json").read_text())["configuration"]
     assert set(config) == set(emoji.EMOJI_GROUPS)
     assert Image.open(tmp_path / "a" / "me_avatar.png").size == (256, 256)
-    res = run("tos_emoji.py", "--apply", str(tmp_path / "scene.png"), "--ckpt", str(out), "--out",
+    res = run_fast("tos_emoji.py", "--apply", str(tmp_path / "scene.png"), "--ckpt", str(out), "--out",
               str(tmp_path / "b"))
     assert res.returncode == 2 and "not an aligned" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
-def test_bad_flags_are_one_line_errors(run, tmp_path):
+def test_bad_flags_are_one_line_errors(run_fast, tmp_path):
     for flags in (["--methods", "tos,gan"], ["--d-size", "100"], ["--faces", "folder"], ["--lc-reduction", "max"],
                   ["--f-style-aug", "1.5"], ["--c-decode", "round"], ["--const-on", "x"], ["--st-tau", "0"]):
-        res = run("tos_emoji.py", *flags, "--out", str(tmp_path / "x"))
+        res = run_fast("tos_emoji.py", *flags, "--out", str(tmp_path / "x"))
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, (flags, res.stderr)
         assert not (tmp_path / "x").exists()
 
 
-def test_dry_run_on_a_face_folder_uses_the_dlib_f(run, tmp_path, monkeypatch):
+def test_dry_run_on_a_face_folder_uses_the_dlib_f(run_fast, tmp_path, monkeypatch):
     try:
         face_nets.dlib_model_path()
     except RuntimeError as exc:
@@ -143,7 +144,7 @@ def test_dry_run_on_a_face_folder_uses_the_dlib_f(run, tmp_path, monkeypatch):
             photo = faces.render_photo(faces.sample_identity(0, i), faces.sample_nuisance(0, i, j), 150)
             Image.fromarray(photo).save(tmp_path / "faces" / f"p{i}" / f"{j}.png")
     monkeypatch.setenv("AVATAR_REPRO_CACHE", str(tmp_path / "cache"))
-    res = run("tos_emoji.py", "--dry-run", "--faces-dir", str(tmp_path / "faces"), "--out", str(tmp_path / "r"))
+    res = run_fast("tos_emoji.py", "--dry-run", "--faces-dir", str(tmp_path / "faces"), "--out", str(tmp_path / "r"))
     assert res.returncode == 0, res.stderr
     assert "dlib face-recognition ResNet" in res.stdout and "5 identities x 2 for evaluation" in res.stdout
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())

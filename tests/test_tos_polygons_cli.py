@@ -16,9 +16,16 @@ def read_log(path):
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
 
 
-def test_dry_run_writes_every_promised_file(run, tmp_path):
-    out = tmp_path / "run"
-    res = run("tos_polygons.py", "--dry-run", "--out", str(out))
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One uninterrupted tiny dry run, shared by the tests that read its files and the resume tests it anchors."""
+    from conftest import run_script
+    out = tmp_path_factory.mktemp("polygons") / "full"
+    return out, run_script("tos_polygons.py", *TINY, "--out", str(out))
+
+
+def test_dry_run_writes_every_promised_file(full_run):
+    out, res = full_run
     assert res.returncode == 0, res.stderr
     assert "preset: quick (auto: no CUDA device" in res.stdout
     for name in PROMISED:
@@ -42,10 +49,10 @@ def test_dry_run_writes_every_promised_file(run, tmp_path):
 
 
 @pytest.mark.parametrize("stop_at", [6, 13])  # inside c-bar's phase; inside TOS's phase
-def test_resume_after_interrupt_gives_the_same_losses(run, tmp_path, stop_at):
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    assert run("tos_polygons.py", *TINY, "--out", str(full)).returncode == 0
-    res = run("tos_polygons.py", *TINY, "--out", str(cut), "--interrupt-at", str(stop_at))
+def test_resume_after_interrupt_gives_the_same_losses(run_fast, tmp_path, full_run, stop_at):
+    (full, res), cut = full_run, tmp_path / "cut"
+    assert res.returncode == 0
+    res = run_fast("tos_polygons.py", *TINY, "--out", str(cut), "--interrupt-at", str(stop_at))
     assert res.returncode == 130, res.stderr
     assert "--resume" in res.stdout
     assert not (cut / "metrics.json").exists()
@@ -54,7 +61,7 @@ def test_resume_after_interrupt_gives_the_same_losses(run, tmp_path, stop_at):
     assert (ckpt["phase"], ckpt["step"]) == (phase, step)
     assert len(read_log(cut / "log.csv")) == stop_at
 
-    res = run("tos_polygons.py", "--resume", str(cut))
+    res = run_fast("tos_polygons.py", "--resume", str(cut))
     assert res.returncode == 0, res.stderr
     assert f"resume: from phase {phase}, step {step}" in res.stdout
     assert read_log(cut / "log.csv") == read_log(full / "log.csv")
@@ -72,9 +79,9 @@ def test_resume_after_interrupt_gives_the_same_losses(run, tmp_path, stop_at):
     (["--device", "tpu"], "--device must be auto, cuda, cpu or mps"),
     (["--resume", "/nonexistent/run"], "no checkpoint at"),
 ])
-def test_bad_flags_fail_with_one_line_and_write_nothing(run, tmp_path, flags, message):
+def test_bad_flags_fail_with_one_line_and_write_nothing(run_fast, tmp_path, flags, message):
     out = tmp_path / "never"
-    res = run("tos_polygons.py", "--dry-run", "--out", str(out), *flags)
+    res = run_fast("tos_polygons.py", "--dry-run", "--out", str(out), *flags)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], res.stderr
@@ -88,18 +95,18 @@ def test_cuda_asked_for_without_cuda(run, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_an_existing_run_is_not_overwritten(run, tmp_path):
+def test_an_existing_run_is_not_overwritten(run_fast, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text("{}")
-    res = run("tos_polygons.py", "--dry-run", "--out", str(out))
+    res = run_fast("tos_polygons.py", "--dry-run", "--out", str(out))
     assert res.returncode == 2 and "already holds a run" in res.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
-def test_a_corrupt_checkpoint_is_one_clear_line(run, tmp_path):
+def test_a_corrupt_checkpoint_is_one_clear_line(run_fast, tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
-    res = run("tos_polygons.py", "--resume", str(tmp_path))
+    res = run_fast("tos_polygons.py", "--resume", str(tmp_path))
     assert res.returncode == 2
     assert len(res.stderr.strip().splitlines()) == 1 and "not a readable checkpoint" in res.stderr
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+import common
 from common import require
 
 
@@ -105,7 +106,8 @@ def synthetic_house_numbers(n: int, seed: int, fonts: list[str] | None = None):
     fonts = find_fonts() if fonts is None else fonts
     labels = np.arange(n) % 10
     rng.shuffle(labels)
-    imgs = np.stack([render_house_number(int(y), rng, fonts) for y in labels])
+    labels_bar = common.progress(labels, desc=f"draw {n:,} synthetic house numbers", unit="digit")
+    imgs = np.stack([render_house_number(int(y), rng, fonts) for y in labels_bar])
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
     return x, torch.from_numpy(labels).long()
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import common
 from common import require
 from worlds import face_nets, faces
 
@@ -702,13 +703,15 @@ def render_emoji(config_row, size: int = 64) -> np.ndarray:
     return np.array(img.reduce(ss))
 
 
-def render_emoji_batch(configs, size: int = 64) -> torch.Tensor:
-    """Render a batch (n, CONFIG_DIM) (numpy or torch) as a uint8 tensor (n, 3, size, size)."""
+def render_emoji_batch(configs, size: int = 64, desc: str | None = None) -> torch.Tensor:
+    """Render a batch (n, CONFIG_DIM) (numpy or torch) as a uint8 tensor (n, 3, size, size); with ``desc``, a
+    progress bar of that name."""
     if isinstance(configs, torch.Tensor):
         configs = configs.detach().cpu().numpy()
     configs = np.asarray(configs, dtype=np.float32).reshape(-1, CONFIG_DIM)
     out = np.empty((len(configs), size, size, 3), np.uint8)
-    for i, row in enumerate(configs):
+    rows = enumerate(configs)
+    for i, row in common.progress(rows, desc=desc, total=len(configs), unit="emoji") if desc else rows:
         out[i] = render_emoji(row, size)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
@@ -726,7 +729,8 @@ def face_source(args) -> str:
 
 def synthetic_f_config(args) -> face_nets.FaceNetConfig:
     """The synthetic f of a run (trained once per configuration, then read from the cache)."""
-    return face_nets.FaceNetConfig(steps=args.f_steps, world_seed=args.world_seed, style_aug=args.f_style_aug)
+    return face_nets.FaceNetConfig(steps=args.f_steps, identities=args.f_identities, world_seed=args.world_seed,
+                                   style_aug=args.f_style_aug)
 
 
 def load_faces(args, device: torch.device) -> dict:
@@ -786,7 +790,7 @@ def load_data(args, device: torch.device) -> dict:
         data["gt"] = data["gt"].to(device)
     with torch.no_grad():
         for k in ("s", "t", "x"):
-            data[f"f_{k}"] = face_nets.embed(data["f"], data[k], device=device).to(device)
+            data[f"f_{k}"] = face_nets.embed(data["f"], data[k], device=device, desc=f"f's codes of {k}").to(device)
     if data["gt"] is not None:
         data["gt_emoji"] = render_emoji_batch(data["gt"].cpu()).to(device)
     return data
@@ -798,7 +802,8 @@ def emoji_sets(seed: int, n_e_train: int, n_t: int, n_test: int = 500) -> dict:
     rng = np.random.default_rng(seed)
     u_e = torch.from_numpy(random_configs(rng, n_e_train))
     u_t = torch.from_numpy(random_configs(rng, n_t))
-    sets = {"u_e": u_e, "x_e": render_emoji_batch(u_e), "t": render_emoji_batch(u_t)}
+    sets = {"u_e": u_e, "x_e": render_emoji_batch(u_e, desc=f"render e's {len(u_e):,} training emoji"),
+            "t": render_emoji_batch(u_t, desc=f"render the {len(u_t):,} emoji of t")}
     sets["u_e_test"] = torch.from_numpy(random_configs(rng, n_test))
     sets["x_e_test"] = render_emoji_batch(sets["u_e_test"])
     return sets

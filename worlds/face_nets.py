@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from common import UsageError, atomic_write, freeze, require, seed_everything
+import common
+from common import UsageError, atomic_write, freeze, require, rng_state, seed_everything, set_rng_state
 from worlds.faces import FACE_WORLD_VERSION, cache_dir, resize_images, synthetic_faces, to_float_images
 
 # f for real faces: dlib's face-recognition ResNet (dlib_face_recognition_resnet_model_v1) in PyTorch ------------------
@@ -574,7 +574,8 @@ def embed(net: nn.Module, images: torch.Tensor, batch: int = 256, device: torch.
     progress bar of that name."""
     net.eval()
     out = []
-    for k in tqdm(range(0, len(images), batch), desc=desc, unit="batch", disable=None if desc else True):
+    steps = range(0, len(images), batch)
+    for k in common.progress(steps, desc=f"{desc}: {len(images):,} images", unit="batch") if desc else steps:
         x = images[k:k + batch].to(device)
         out.append(net(to_float_images(x) if x.dtype == torch.uint8 else x).float().cpu())
     return torch.cat(out)
@@ -651,8 +652,8 @@ class FaceNetConfig:
     style_aug: float = 0.0      # probability of style_augment per training image (0: flips only)
 
 
-def train_face_net(cfg: FaceNetConfig, device: torch.device | str = "cpu", cache: str | Path | None = None,
-                   log=print) -> tuple[FaceIdentityNet, dict]:
+def train_face_net(cfg: FaceNetConfig, device: torch.device | str = "cpu",
+                   cache: str | Path | None = None) -> tuple[FaceIdentityNet, dict]:
     """Train an identity network on the labelled photos of ``cfg.split`` with the ArcFace loss (SGD with momentum,
     cosine schedule, horizontal flips), then measure its verification accuracy on 500 held-out identities of the
     f_val split (2 photos each). Returns the network (eval mode, frozen) and its metrics."""
@@ -666,7 +667,9 @@ def train_face_net(cfg: FaceNetConfig, device: torch.device | str = "cpu", cache
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     net.train()
     t0 = time.time()
-    for step in range(1, cfg.steps + 1):
+    bar = common.progress(range(1, cfg.steps + 1), desc=f"train the synthetic face net once (then cached): {cfg.arch}, "
+                                                       f"{cfg.steps:,} steps", unit="step")
+    for step in bar:
         idx = torch.randint(len(x), (cfg.batch,), device=device)
         xb = to_float_images(x[idx])
         flip = torch.rand(cfg.batch, device=device) < 0.5
@@ -679,8 +682,7 @@ def train_face_net(cfg: FaceNetConfig, device: torch.device | str = "cpu", cache
         opt.step()
         sched.step()
         if step % 200 == 0 or step == cfg.steps:
-            log(f"face net {cfg.arch}: step {step}/{cfg.steps}, ArcFace loss {loss.item():.3f}, "
-                f"{time.time() - t0:.0f} s")
+            bar.set_postfix(arcface_loss=f"{loss.item():.3f}")
     freeze(net.eval())
     held = synthetic_faces("f_val", 500, 2, cfg.size, cfg.world_seed, cache)
     metrics = verification_accuracy(embed(net, held["images"], device=device), held["identity"].numpy())
@@ -703,7 +705,9 @@ def load_face_net(cfg: FaceNetConfig = FaceNetConfig(), device: torch.device | s
         net.load_state_dict(state["net"])
         return freeze(net.to(device).eval()), json.loads(state["metrics"])
     log(f"face net: training {cfg} once; it is then cached at {path}")
-    net, metrics = train_face_net(cfg, device, cache, log)
+    state = rng_state()   # training reseeds: put the caller's random state back, so a first run draws as later ones
+    net, metrics = train_face_net(cfg, device, cache)
+    set_rng_state(state)
     atomic_write(path, lambda tmp: torch.save({"net": net.state_dict(), "metrics": json.dumps(metrics),
                                                "config": json.dumps(dataclasses.asdict(cfg))}, tmp))
     return net, metrics

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
+import common
 from common import UsageError, atomic_write, require
 
 # Identities, nuisances and the renderer ------------------------------------------------------------------------------
@@ -1317,7 +1318,8 @@ def _render_chunk(job):
 
 
 def render_faces(identity_indices: np.ndarray, per_identity: int, size: int, world_seed: int = 0,
-                 workers: int | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 workers: int | None = None, progress: bool = True,
+                 desc: str = "render face photos") -> tuple[torch.Tensor, torch.Tensor]:
     """Photos of the given identities, ``per_identity`` each (nuisances 0..per_identity-1), as a uint8 tensor
     (N, 3, size, size) and the identity index of each image (N,). Rendered by ``workers`` processes (default: every
     core); the result does not depend on their number."""
@@ -1326,7 +1328,8 @@ def render_faces(identity_indices: np.ndarray, per_identity: int, size: int, wor
     ids = np.asarray(identity_indices, np.int64)
     chunks = [ids[i:i + 64] for i in range(0, len(ids), 64)]
     jobs = [(world_seed, c, per_identity, size) for c in chunks]
-    bar = tqdm(total=len(ids) * per_identity, desc="render", unit="img", disable=None if progress else True)
+    n = len(ids) * per_identity
+    bar = common.progress(desc=f"{desc}: {n:,} at {size} px", total=n, unit="img") if progress else tqdm(disable=True)
     parts = []
     if workers == 1 or len(chunks) == 1:
         for job in jobs:
@@ -1361,7 +1364,7 @@ def synthetic_faces(split: str, n_identities: int, per_identity: int, size: int 
         except Exception:  # a damaged cache file is rebuilt
             print(f"cache: {path} is unreadable; rendering it again")
     images, identity = render_faces(split_identity_indices(split, n_identities), per_identity, size, world_seed,
-                                    workers)
+                                    workers, desc=f"render the face world's {split} split once (then cached)")
     atomic_write(path, lambda tmp: torch.save({"images": images, "identity": identity}, tmp))
     return {"images": images, "identity": identity, "source": source}
 
