@@ -699,18 +699,19 @@ def load_face_net(cfg: FaceNetConfig = FaceNetConfig(), device: torch.device | s
         del fields["style_aug"]          # the nets cached before style_aug existed keep their keys
     key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
     path = cache_dir(cache) / f"facenet_v{FACE_WORLD_VERSION}_{cfg.arch}_{key}.pt"
-    if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        net = FaceIdentityNet(cfg.arch, cfg.dim, cfg.width, cfg.size)
-        net.load_state_dict(state["net"])
-        return freeze(net.to(device).eval()), json.loads(state["metrics"])
-    log(f"face net: training {cfg} once; it is then cached at {path}")
-    state = rng_state()   # training reseeds: put the caller's random state back, so a first run draws as later ones
-    net, metrics = train_face_net(cfg, device, cache)
-    set_rng_state(state)
-    atomic_write(path, lambda tmp: torch.save({"net": net.state_dict(), "metrics": json.dumps(metrics),
-                                               "config": json.dumps(dataclasses.asdict(cfg))}, tmp))
-    return net, metrics
+    if not path.is_file():
+        log(f"face net: training {cfg} once; it is then cached at {path}")
+        state = rng_state()   # training reseeds: the caller's random state is put back afterwards
+        trained, metrics = train_face_net(cfg, device, cache)
+        set_rng_state(state)
+        atomic_write(path, lambda tmp: torch.save({"net": trained.state_dict(), "metrics": json.dumps(metrics),
+                                                   "config": json.dumps(dataclasses.asdict(cfg))}, tmp))
+    # Read from the cache in every run, the first too: building the network draws its (overwritten) initial weights
+    # from the caller's random state, so a first run draws the same numbers as later ones.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    net = FaceIdentityNet(cfg.arch, cfg.dim, cfg.width, cfg.size)
+    net.load_state_dict(state["net"])
+    return freeze(net.to(device).eval()), json.loads(state["metrics"])
 
 
 # An independent descriptor for real faces: MobileFaceNet (Chen et al. 2018), eval_retrieval's, never an f -------------
