@@ -489,7 +489,9 @@ def train_mapping(kind: str, args: Args, nets: dict, z_s: torch.Tensor, y: torch
         step, data = partial(update_baseline, net, opt), (z_s, y)
     best, best_state, history = float("inf"), None, []
     n = len(z_s)
-    for epoch in range(1, args.f_epochs + 1):
+    epochs = common.progress(range(1, args.f_epochs + 1), unit="epoch",
+                             desc=f"train {kind} ({ablation}, {n:,} pairs, seed {seed}): {args.f_epochs} epochs")
+    for epoch in epochs:
         net.train()
         order = torch.randperm(n, device=z_s.device)
         sums: dict[str, torch.Tensor] = {}
