@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the suite runs on the CPU, in this process (run_in_process) and in its children
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the suite runs on the CPU, in this process (run_in_process) and its children
 
 
 def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

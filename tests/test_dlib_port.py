@@ -1,4 +1,4 @@
-"""The PyTorch port of dlib's face-recognition ResNet in common.py (section 7d), and its reader of dlib's model file.
+"""The PyTorch port of dlib's face-recognition ResNet in worlds/face_nets.py, and its reader of dlib's model file.
 
 Tests that need the trained weights skip when face_recognition_models is not installed; the comparison with dlib
 itself also skips when dlib (pip install dlib-bin) is not importable. No test reads a shared data folder: the faces

@@ -1,4 +1,4 @@
-"""dtn_digits.py (issue 3): the data layer, f, the DTN losses per ablation, the table helpers, and dry runs."""
+"""dtn_digits.py and worlds/digits.py: the data layer, f, the DTN losses per ablation, the table helpers, dry runs."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The synthetic face world of common.py (section 7a): samplers, renderer, attribute vector, speed."""
+"""The synthetic face world of worlds/faces.py: samplers, renderer, attribute vector, speed."""
 
 import dataclasses
 import time

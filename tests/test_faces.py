@@ -1,5 +1,6 @@
-"""The faces foundation in common.py: splits and cached renders, the real-face loaders, the synthetic f and the
-verification protocol. (The renderer has its tests in test_face_world.py, the dlib port in test_dlib_port.py.)"""
+"""The faces foundation in worlds/faces.py and worlds/face_nets.py: splits and cached renders, the real-face loaders,
+the synthetic f and the verification protocol. (The renderer has its tests in test_face_world.py, the dlib port in
+test_dlib_port.py.)"""
 import contextlib
 import dataclasses
 import re
