@@ -191,6 +191,7 @@ def validate(args: Args):
     """Every check that can fail on the arguments alone, before any file is written."""
     for name, ok in CHOICES.items():
         require(getattr(args, name) in ok, f"--{name.replace('_', '-')} must be {', '.join(ok[:-1])} or {ok[-1]}")
+    require(not args.apply or args.ckpt, "--apply needs --ckpt RUN_DIR (a trained tos_emoji run)")
     require(args.st_tau > 0, "--st-tau must be positive")
     require(0 <= args.f_style_aug <= 1, "--f-style-aug is a probability, in [0, 1]")
     for name in ("n_s", "n_t", "n_e_train", "n_eval", "batch_size", "log_every", "ckpt_every", "f_steps", "d_every",
@@ -509,7 +510,6 @@ def main(argv=None):
                                                        description=__doc__.split("\n")[0])
     common.seed_everything(args.seed)
     if args.apply:
-        require(bool(args.ckpt), "--apply needs --ckpt RUN_DIR (a trained tos_emoji run)")
         return apply_to_photos(args, device, out)
     methods = [m for m in METHODS if m in args.methods.split(",")]
 

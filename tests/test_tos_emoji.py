@@ -127,7 +127,8 @@ def test_apply_on_a_generated_photo(dry_run, run_fast, tmp_path, monkeypatch):
 
 def test_bad_flags_are_one_line_errors(run_fast, tmp_path):
     for flags in (["--methods", "tos,gan"], ["--d-size", "100"], ["--faces", "folder"], ["--lc-reduction", "max"],
-                  ["--f-style-aug", "1.5"], ["--c-decode", "round"], ["--const-on", "x"], ["--st-tau", "0"]):
+                  ["--f-style-aug", "1.5"], ["--c-decode", "round"], ["--const-on", "x"], ["--st-tau", "0"],
+                  ["--apply", "photo.jpg"]):
         res = run_fast("tos_emoji.py", *flags, "--out", str(tmp_path / "x"))
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, (flags, res.stderr)
         assert not (tmp_path / "x").exists()
