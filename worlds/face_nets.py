@@ -9,12 +9,14 @@ import importlib.util
 import json
 import math
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 
 import common
 from common import UsageError, atomic_write, freeze, require, rng_state, seed_everything, set_rng_state
@@ -430,8 +432,9 @@ def read_dlib_weights(path: str | Path) -> dict[str, torch.Tensor]:
 # · Finding and loading the model
 
 
-def dlib_model_path() -> Path:
-    """Path of ``dlib_face_recognition_resnet_model_v1.dat`` inside the installed ``face_recognition_models`` package.
+def dlib_model_path(name: str = MODEL_FILE_NAME) -> Path:
+    """Path of one of dlib's model files (by default ``dlib_face_recognition_resnet_model_v1.dat``) inside the
+    installed ``face_recognition_models`` package.
 
     The package is located without importing it (its ``__init__`` needs ``pkg_resources``, which recent setuptools
     no longer ships).
@@ -441,10 +444,10 @@ def dlib_model_path() -> Path:
         raise RuntimeError("the dlib face model needs the face_recognition_models package: "
                            "pip install face_recognition_models")
     for folder in spec.submodule_search_locations:
-        path = Path(folder) / "models" / MODEL_FILE_NAME
+        path = Path(folder) / "models" / name
         if path.is_file():
             return path
-    raise RuntimeError(f"face_recognition_models has no models/{MODEL_FILE_NAME}; "
+    raise RuntimeError(f"face_recognition_models has no models/{name}; "
                        "reinstall it: pip install --force-reinstall face_recognition_models")
 
 
@@ -456,6 +459,50 @@ def load_dlib_face_net(path: str | Path | None = None, device: str | torch.devic
     net = DlibFaceNet()
     net.load_state_dict(read_dlib_weights(dlib_model_path() if path is None else path), strict=True)
     return net.to(device).eval().requires_grad_(False)
+
+
+# Faces in any photo: dlib's detector, its 5 landmarks and the chip alignment of dlib's face network -------------------
+
+LANDMARKS_FILE_NAME = "shape_predictor_5_face_landmarks.dat"
+
+
+def read_photo(path: str | Path) -> Image.Image:
+    """A photo as RGB, turned upright by its EXIF orientation (phone pictures); greyscale, RGBA, PNG and JPEG alike. A
+    file that is not an image is a one-line usage error."""
+    try:
+        with Image.open(path) as img:
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except Exception as exc:
+        raise UsageError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+@lru_cache(maxsize=1)
+def _dlib_face_tools():
+    """dlib (the ``dlib-bin`` package), its frontal (HOG) face detector and its 5-point landmark model."""
+    import dlib
+    return dlib, dlib.get_frontal_face_detector(), dlib.shape_predictor(str(dlib_model_path(LANDMARKS_FILE_NAME)))
+
+
+def find_faces(photo: Image.Image, size: int = DLIB_INPUT_SIZE, padding: float = 0.25,
+               detect_side: int = 1200) -> list[dict]:
+    """Every face dlib's detector finds in ``photo``, left to right, each with the chip dlib's face network expects:
+    5 landmarks, then ``get_face_chip`` with ``padding`` 0.25 at ``size`` px (the alignment of the shared CelebA chips).
+    The detector runs on a copy at most ``detect_side`` px on its longer side; the landmarks and the chip come from the
+    photo itself. Each face: ``{"chip": uint8 (size, size, 3), "box": (left,
+    top, right, bottom), "landmarks": float32 (5, 2)}`` in the photo's pixels."""
+    dlib, detector, predictor = _dlib_face_tools()
+    rgb = np.array(photo.convert("RGB"), np.uint8)
+    scale = min(1.0, detect_side / max(photo.size))
+    small = rgb if scale == 1 else np.array(photo.convert("RGB").resize(
+        (max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.BILINEAR), np.uint8)
+    found = []
+    for r in sorted(detector(small, 1), key=lambda r: r.left()):   # upsampled once: faces from ~40 px on
+        box = dlib.rectangle(*(int(round(v / scale)) for v in (r.left(), r.top(), r.right(), r.bottom())))
+        shape = predictor(rgb, box)
+        found.append({"chip": np.array(dlib.get_face_chip(rgb, shape, size=size, padding=padding), np.uint8),
+                      "box": (box.left(), box.top(), box.right(), box.bottom()),
+                      "landmarks": np.array([[q.x, q.y] for q in shape.parts()], np.float32)})
+    return found
 
 
 # The synthetic world's f: an identity network trained on the f split (DeepFace's role), and verification --------------
