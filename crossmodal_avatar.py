@@ -55,12 +55,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F_nn
+from PIL import Image
 
 import common
 from common import DownscalingEncoder, UpscalingGenerator, freeze, require
 from worlds import face_nets, faces
 from worlds.vector_avatar import (AVATAR_DIM, HAIR_ATTRIBUTES, augment_portraits, avatar_to_dict, load_data,
-                                  make_evaluator, pair_subset_order, read_portrait, save_avatar, save_avatar_probes,
+                                  make_evaluator, pair_subset_order, save_avatar, save_avatar_probes,
                                   synthetic_pairs, write_figures)
 
 
@@ -793,32 +794,49 @@ def write_results(args: Args, preset: str, device: torch.device, out: Path, wall
 
 
 def apply_to_photos(args: Args, device: torch.device, out: Path) -> int:
-    """``--apply PHOTO,... --ckpt RUN``: y_hat = D_t(F(E_s(x))) merged with the bank's hair for H(x) (§4.3), written
-    per portrait as <name>.json (the 629 numbers, by group, and the hair), <name>.png (--apply-size) and <name>.svg.
-    Portraits should be framed like the training ones (an aligned face chip: eyes at ~0.38 of the height)."""
+    """``--apply PHOTO,... --ckpt RUN``: every face found (face_nets.find_faces, aligned like the training portraits;
+    an aligned chip is taken as it is) gets y_hat = D_t(F(E_s(x))) merged with the bank's hair for H(x) (§4.3),
+    written as <name>.json (the 629 numbers, by group, and the hair), <name>.png (--apply-size) and <name>.svg; every
+    photo an overview."""
     path = Path(args.ckpt) / "model.pt" if Path(args.ckpt).is_dir() else Path(args.ckpt)
     state = common.load_checkpoint(path)
     require(state.get("script") == "crossmodal_avatar" and "F" in state, f"--ckpt: {path} is not a crossmodal_avatar "
                                                                           f"model")
     run = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["args"].items()})
+    paths = [p for p in args.apply.split(",") if p]
+    found, empty = face_nets.faces_in_photos(paths)
+    require(bool(found), f"--apply: no face in {', '.join(empty)}: not an aligned face chip, and dlib's detector "
+                         f"finds no face")
+    for p in empty:
+        print(f"--apply: {p}: no face found")
+    if not (run.faces_dir or run.pairs_file):
+        print("note: this model was trained on the synthetic face world; real photos lie outside what it learned "
+              "(to train on real faces: python crossmodal_avatar.py --faces-dir DIR --pairs-file PAIRS.jsonl)")
     nets = {k: v.to(device) for k, v in make_networks(run).items()} | {"F": make_F(run).to(device)}
     for k in ("E_s", "D_t", "F"):
         freeze(nets[k]).load_state_dict(state[k])
     f_net, _ = face_nets.load_face_net(synthetic_f_config(run), device)
     H = AttributeRegressor(f_net, state["H"]["weight"].shape[1], state["H"]["weight"].shape[0]).to(device)
     H.head.load_state_dict(state["H"])
-    paths = [p for p in args.apply.split(",") if p]
-    x = torch.stack([read_portrait(p, run.image_size) for p in paths])
+    x = torch.stack([torch.from_numpy(np.array(Image.fromarray(face["chip"]).resize(
+        (run.image_size, run.image_size), Image.BICUBIC), np.uint8)).permute(2, 0, 1) for face in found])
     with torch.no_grad():
         y_hat = nets["D_t"](nets["F"](encode(nets["E_s"], x, run.image_size, device))).cpu()
         hair = hair_bank_lookup(H(faces.resize_images(faces.to_float_images(x.to(device)), 64)).cpu(),
                                 state["bank"])
-    for k, p in enumerate(paths):
-        name, y = Path(p).stem, y_hat[k].numpy()
-        common.write_json(out / f"{name}.json", {"photo": p, "avatar": [float(v) for v in y],
-                                                 "groups": avatar_to_dict(y), "hair": hair[k]})
-        save_avatar(out / name, y, args.apply_size, hair[k])
-    print(f"wrote {len(paths)} avatars ({AVATAR_DIM}-D JSON, {args.apply_size} px PNG, SVG) to {out}")
+    pictures = []
+    for k, face in enumerate(found):
+        y = y_hat[k].numpy()
+        common.write_json(out / f"{face['name']}.json", {"photo": face["path"], "face": face["number"],
+                                                         "box": face["box"], "avatar": [float(v) for v in y],
+                                                         "groups": avatar_to_dict(y), "hair": hair[k]})
+        pictures.append(save_avatar(out / face["name"], y, args.apply_size, hair[k]))
+    for p in dict.fromkeys(face["path"] for face in found):
+        mine = [k for k, face in enumerate(found) if face["path"] == p]
+        face_nets.save_overview(out / f"{Path(p).stem}_overview.png", [found[k] for k in mine],
+                                [pictures[k] for k in mine])
+    print(f"wrote {len(found)} avatars ({AVATAR_DIM}-D JSON, {args.apply_size} px PNG, SVG) of the faces in "
+          f"{len(paths) - len(empty)} photos to {out}")
     return 0
 
 

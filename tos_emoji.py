@@ -645,9 +645,10 @@ def results_table(metrics: dict, methods: list[str]) -> str:
 
 
 def apply_to_photos(args: Args, device: torch.device, out: Path) -> int:
-    """``--apply PHOTO,... --ckpt RUN``: a trained TOS on one's own face chips. Writes per photo the configuration
-    (JSON, named switches), the engine's render of it (the avatar, 256 px) and G(x); ``best.json`` names the photo
-    whose avatar keeps f best (Eq. 17), for several photos of one person."""
+    """``--apply PHOTO,... --ckpt RUN``: a trained TOS on one's own photos. Every face found (face_nets.find_faces;
+    an aligned chip is taken as it is) gets its configuration (JSON, named switches), the engine's render of it (the
+    avatar, 256 px) and G(x); every photo an overview; ``best.json`` names the face whose avatar keeps f best (Eq. 17),
+    for several photos of one person."""
     state = common.load_checkpoint(args.ckpt)
     require(state.get("script") == "tos_emoji" and "tos_g" in state["nets"],
             f"--ckpt: {args.ckpt} is not a tos_emoji run with a trained TOS")
@@ -656,39 +657,41 @@ def apply_to_photos(args: Args, device: torch.device, out: Path) -> int:
     synthetic = face_source(run) == "synthetic"
     size = 64 if synthetic else face_nets.DLIB_INPUT_SIZE
     paths = [p for p in args.apply.split(",") if p]
-    names = [Path(p).stem for p in paths]
-    photos = []
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except Exception as exc:
-            raise common.UsageError(f"--apply: cannot read {path} ({type(exc).__name__}: {exc})") from None
-        require(img.size[0] == img.size[1] and (img.size[0] == size or synthetic and 64 <= img.size[0] <= 152),
-                f"--apply: {path} is {img.size[0]}x{img.size[1]}, not an aligned {size}x{size} face chip "
-                f"(dlib's get_face_chip alignment, as in ../shared/data/celeba_aligned_150); crop and align it first")
-        photos.append(torch.from_numpy(np.array(img.resize((size, size)), np.uint8)).permute(2, 0, 1))
+    found, empty = face_nets.faces_in_photos(paths)
+    require(bool(found), f"--apply: no face in {', '.join(empty)}: not an aligned face chip, and dlib's detector "
+                         f"finds no face")
+    for path in empty:
+        print(f"--apply: {path}: no face found")
+    if synthetic:
+        print("note: this model was trained on the synthetic face world; real photos lie outside what it learned "
+              "(to train on real faces: python tos_emoji.py --faces-dir DIR_OF_ALIGNED_CHIPS)")
+    chips = [np.array(Image.fromarray(face["chip"]).resize((size, size), Image.BILINEAR)) for face in found]
     f = (face_nets.load_face_net(synthetic_f_config(run), device)[0] if synthetic
          else face_nets.load_dlib_face_net(device=device))
     with torch.no_grad():
-        code = f(to_float(torch.stack(photos).to(device)))
+        code = f(to_float(torch.from_numpy(np.stack(chips)).permute(0, 3, 1, 2).to(device)))
         g, c = NineLayerG(code.shape[1], run.g_widths).to(device), make_c(run.c_widths).to(device)
         g.load_state_dict(state["nets"]["tos_g"])
         c.load_state_dict(state["nets"]["tos_c"])
         g_x = g.eval()(code)
         config = decode_config(c.eval()(g_x))
-        avatar = render_emoji_batch(config.cpu(), size=256)
+        avatar = render_emoji_batch(config.cpu(), size=256).permute(0, 2, 3, 1).numpy()
         keep = (code - f(to_float(render_emoji_batch(config.cpu())).to(device))).norm(dim=1)
-    for k, name in enumerate(names):
-        common.write_json(out / f"{name}_config.json", {"photo": paths[k],
-                                                         "configuration": config_to_dict(config[k].cpu().numpy()),
-                                                         "f_distance_to_avatar": keep[k].item()})
-        Image.fromarray(avatar[k].permute(1, 2, 0).numpy()).save(out / f"{name}_avatar.png")
-        common.save_grid(g_x[k:k + 1], out / f"{name}_G.png", nrow=1)
+    for k, face in enumerate(found):
+        common.write_json(out / f"{face['name']}_config.json", {
+            "photo": face["path"], "face": face["number"], "box": face["box"],
+            "configuration": config_to_dict(config[k].cpu().numpy()), "f_distance_to_avatar": keep[k].item()})
+        Image.fromarray(avatar[k]).save(out / f"{face['name']}_avatar.png")
+        common.save_grid(g_x[k:k + 1], out / f"{face['name']}_G.png", nrow=1)
+    for path in dict.fromkeys(face["path"] for face in found):
+        mine = [k for k, face in enumerate(found) if face["path"] == path]
+        face_nets.save_overview(out / f"{Path(path).stem}_overview.png", [found[k] for k in mine],
+                                [avatar[k] for k in mine])
     best = int(keep.argmin())
-    common.write_json(out / "best.json", {"photo": names[best], "f_distance_to_avatar": keep[best].item(),
-                                          "rule": "argmin ||f(x) - f(engine(c(G(x))))|| over the photos (Eq. 17)"})
-    print(f"wrote the avatars of {len(names)} photos to {out}; the one that keeps f best: {names[best]}")
+    common.write_json(out / "best.json", {"face": found[best]["name"], "f_distance_to_avatar": keep[best].item(),
+                                          "rule": "argmin ||f(x) - f(engine(c(G(x))))|| over the faces (Eq. 17)"})
+    print(f"wrote the avatars of {len(found)} faces in {len(paths) - len(empty)} photos to {out}; the one that keeps "
+          f"f best: {found[best]['name']}")
     return 0
 
 

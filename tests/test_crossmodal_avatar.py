@@ -179,7 +179,10 @@ def test_table3_and_fig8_reuse_the_autoencoders(dry_run, run_fast, tmp_path, mon
 def test_apply_writes_json_png_and_svg(dry_run, run_fast, tmp_path, monkeypatch):
     from PIL import Image
     monkeypatch.setenv("AVATAR_REPRO_CACHE", str(dry_run.cache))
-    Image.fromarray(np.full((80, 100, 3), 128, np.uint8)).save(tmp_path / "me.png")
+    scene = Image.new("RGB", (300, 240), (128, 128, 128))   # one face in a larger photo: found, aligned, applied
+    scene.paste(Image.fromarray(faces.render_photo(faces.sample_identity(0, 3), faces.canonical_nuisance(), 152)),
+                (100, 50))
+    scene.save(tmp_path / "me.png")
     res = run_fast("crossmodal_avatar.py", "--apply", str(tmp_path / "me.png"), "--ckpt", str(dry_run.out),
               "--apply-size", "96", "--out", str(tmp_path / "apply"))
     assert res.returncode == 0, res.stdout + res.stderr
@@ -187,6 +190,27 @@ def test_apply_writes_json_png_and_svg(dry_run, run_fast, tmp_path, monkeypatch)
     assert len(rec["avatar"]) == 629 and set(rec["groups"]) == set(va.GROUP_SLICES) and "hairstyle" in rec["hair"]
     assert Image.open(tmp_path / "apply" / "me.png").size == (96, 96)
     assert "<svg" in (tmp_path / "apply" / "me.svg").read_text()
+    assert rec["box"] is not None and Image.open(tmp_path / "apply" / "me_overview.png").size[1] > 240
+
+
+def test_apply_gives_each_face_its_avatar_and_names_a_photo_without_one(dry_run, run_fast, tmp_path, monkeypatch):
+    from PIL import Image
+    monkeypatch.setenv("AVATAR_REPRO_CACHE", str(dry_run.cache))
+    two = Image.new("RGB", (520, 260), (128, 128, 128))
+    for k, x in enumerate((20, 340)):
+        two.paste(Image.fromarray(faces.render_photo(faces.sample_identity(0, k), faces.canonical_nuisance(), 152)),
+                  (x, 50))
+    two.save(tmp_path / "two.jpg")
+    Image.new("RGB", (200, 120), (90, 90, 90)).save(tmp_path / "blank.png")
+    res = run_fast("crossmodal_avatar.py", "--apply", f"{tmp_path / 'two.jpg'},{tmp_path / 'blank.png'}", "--ckpt",
+                   str(dry_run.out), "--out", str(tmp_path / "apply"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"{tmp_path / 'blank.png'}: no face found" in res.stdout
+    boxes = [json.loads((tmp_path / "apply" / f"two_{k}.json").read_text())["box"] for k in (1, 2)]
+    assert boxes[0][2] < 260 < boxes[1][0] and (tmp_path / "apply" / "two_overview.png").is_file()
+    res = run_fast("crossmodal_avatar.py", "--apply", str(tmp_path / "blank.png"), "--ckpt", str(dry_run.out),
+                   "--out", str(tmp_path / "none"))
+    assert res.returncode == 2 and "no face" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 import common
 from common import UsageError, atomic_write, freeze, require, rng_state, seed_everything, set_rng_state
@@ -503,6 +503,51 @@ def find_faces(photo: Image.Image, size: int = DLIB_INPUT_SIZE, padding: float =
                       "box": (box.left(), box.top(), box.right(), box.bottom()),
                       "landmarks": np.array([[q.x, q.y] for q in shape.parts()], np.float32)})
     return found
+
+
+def faces_in_photos(paths: list[str], chip_max: int = 160) -> tuple[list[dict], list[str]]:
+    """--apply's input: every face of every photo, left to right, as dlib's aligned chip (find_faces); a square image
+    of at most ``chip_max`` px is taken as an aligned chip already. Returns the faces, each ``{"path", "name" (the
+    photo's stem, numbered when it holds several faces), "number", "photo", "chip" uint8 (H, W, 3), "box" (None for a
+    chip)}``, and the photos in which no face was found."""
+    found, empty = [], []
+    for path in paths:
+        photo = read_photo(path)
+        stem = Path(path).stem
+        if photo.width == photo.height <= chip_max:
+            found.append({"path": path, "name": stem, "number": 1, "photo": photo, "chip": np.array(photo),
+                          "box": None})
+            continue
+        hits = find_faces(photo)
+        empty += [] if hits else [path]
+        found += [{"path": path, "name": stem if len(hits) == 1 else f"{stem}_{k}", "number": k, "photo": photo,
+                   "chip": hit["chip"], "box": hit["box"]} for k, hit in enumerate(hits, 1)]
+    return found, empty
+
+
+def save_overview(path: str | Path, faces_of_photo: list[dict], avatars: list[np.ndarray], tile: int = 128):
+    """One picture per photo: the photo with a numbered box on each face, and below it each face's chip beside its
+    avatar, under the same number."""
+    photo = faces_of_photo[0]["photo"]
+    scale = min(1.0, 640 / max(photo.size))
+    top = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.BILINEAR)
+    draw = ImageDraw.Draw(top)
+    for face in faces_of_photo:
+        if face["box"] is not None:
+            box = [round(v * scale) for v in face["box"]]
+            draw.rectangle(box, outline=(255, 60, 60), width=3)
+            draw.text((box[0] + 4, box[1] + 2), str(face["number"]), fill=(255, 60, 60))
+    pairs = max(1, top.width // (2 * tile + 8))
+    rows = -(-len(faces_of_photo) // pairs)
+    sheet = Image.new("RGB", (max(top.width, pairs * (2 * tile + 8)), top.height + rows * (tile + 16)), (255, 255, 255))
+    sheet.paste(top, (0, 0))
+    draw = ImageDraw.Draw(sheet)
+    for i, (face, avatar) in enumerate(zip(faces_of_photo, avatars)):
+        x, y = (i % pairs) * (2 * tile + 8), top.height + (i // pairs) * (tile + 16) + 14
+        sheet.paste(Image.fromarray(face["chip"]).resize((tile, tile), Image.BILINEAR), (x, y))
+        sheet.paste(Image.fromarray(avatar).resize((tile, tile), Image.BILINEAR), (x + tile, y))
+        draw.text((x + 2, y - 13), str(face["number"]), fill=(0, 0, 0))
+    atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
 # The synthetic world's f: an identity network trained on the f split (DeepFace's role), and verification --------------

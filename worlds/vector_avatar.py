@@ -1545,19 +1545,6 @@ def pair_subset_order(pairs: dict, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([np.flatnonzero(ids == p) for p in people]))
 
 
-def read_portrait(path: str, size: int) -> torch.Tensor:
-    """A portrait file as uint8 (3, size, size): centre-cropped to a square, resized; a bad file is a usage error."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-    except Exception as exc:
-        raise UsageError(f"--apply: cannot read {path} ({type(exc).__name__}: {exc})") from None
-    w, h = img.size
-    side = min(w, h)
-    img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-    return torch.from_numpy(np.array(img.resize((size, size), Image.BICUBIC), np.uint8)).permute(2, 0, 1)
-
-
 # ======================================================================================================================
 # A test set's avatars rendered (§5): Table 1's metrics, the comparison grid and 512 px renders, eval_retrieval probes
 # ======================================================================================================================
