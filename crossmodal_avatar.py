@@ -225,6 +225,7 @@ def validate(args: Args):
     require(not args.apply or model.is_file(), f"--ckpt: no model.pt in {args.ckpt} (a finished crossmodal_avatar run)")
     for p in (p for p in args.apply.split(",") if p):
         require(Path(p).is_file(), f"--apply: no file {p}")
+        face_nets.read_photo(p)   # an unreadable photo is one line, before anything is written
     require(not args.pairs_file or Path(args.pairs_file).is_file(), f"--pairs-file: no file {args.pairs_file}")
     require(not args.faces_dir or Path(args.faces_dir).is_dir(), f"--faces-dir: no folder {args.faces_dir}")
 

@@ -192,6 +192,10 @@ def validate(args: Args):
     for name, ok in CHOICES.items():
         require(getattr(args, name) in ok, f"--{name.replace('_', '-')} must be {', '.join(ok[:-1])} or {ok[-1]}")
     require(not args.apply or args.ckpt, "--apply needs --ckpt RUN_DIR (a trained tos_emoji run)")
+    require(not args.apply or Path(args.ckpt).exists(), f"--ckpt: no run or checkpoint at {args.ckpt}")
+    for p in (p for p in args.apply.split(",") if p):
+        require(Path(p).is_file(), f"--apply: no file {p}")
+        face_nets.read_photo(p)   # an unreadable photo is one line, before anything is written
     require(args.st_tau > 0, "--st-tau must be positive")
     require(0 <= args.f_style_aug <= 1, "--f-style-aug is a probability, in [0, 1]")
     for name in ("n_s", "n_t", "n_e_train", "n_eval", "batch_size", "log_every", "ckpt_every", "f_steps", "d_every",

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import common
 from common import UsageError, atomic_write, freeze, require, rng_state, seed_everything, set_rng_state
@@ -484,10 +484,11 @@ def _dlib_face_tools():
 
 
 def find_faces(photo: Image.Image, size: int = DLIB_INPUT_SIZE, padding: float = 0.25,
-               detect_side: int = 1200) -> list[dict]:
+               detect_side: int = 1200, min_score: float = 0.15) -> list[dict]:
     """Every face dlib's detector finds in ``photo``, left to right, each with the chip dlib's face network expects:
     5 landmarks, then ``get_face_chip`` with ``padding`` 0.25 at ``size`` px (the alignment of the shared CelebA chips).
-    The detector runs on a copy at most ``detect_side`` px on its longer side; the landmarks and the chip come from the
+    The detector runs on a copy at most ``detect_side`` px on its longer side, and a detection scoring below
+    ``min_score`` is dropped (badges and patches score just above dlib's 0); the landmarks and the chip come from the
     photo itself. Each face: ``{"chip": uint8 (size, size, 3), "box": (left,
     top, right, bottom), "landmarks": float32 (5, 2)}`` in the photo's pixels."""
     dlib, detector, predictor = _dlib_face_tools()
@@ -496,7 +497,8 @@ def find_faces(photo: Image.Image, size: int = DLIB_INPUT_SIZE, padding: float =
     small = rgb if scale == 1 else np.array(photo.convert("RGB").resize(
         (max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.BILINEAR), np.uint8)
     found = []
-    for r in sorted(detector(small, 1), key=lambda r: r.left()):   # upsampled once: faces from ~40 px on
+    rects, scores, _ = detector.run(small, 1, min_score)          # upsampled once: faces from ~40 px on
+    for r in sorted(rects, key=lambda r: r.left()):
         box = dlib.rectangle(*(int(round(v / scale)) for v in (r.left(), r.top(), r.right(), r.bottom())))
         shape = predictor(rgb, box)
         found.append({"chip": np.array(dlib.get_face_chip(rgb, shape, size=size, padding=padding), np.uint8),
@@ -531,22 +533,23 @@ def save_overview(path: str | Path, faces_of_photo: list[dict], avatars: list[np
     photo = faces_of_photo[0]["photo"]
     scale = min(1.0, 640 / max(photo.size))
     top = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.BILINEAR)
-    draw = ImageDraw.Draw(top)
+    draw, font = ImageDraw.Draw(top), ImageFont.load_default(size=18)
     for face in faces_of_photo:
         if face["box"] is not None:
             box = [round(v * scale) for v in face["box"]]
             draw.rectangle(box, outline=(255, 60, 60), width=3)
-            draw.text((box[0] + 4, box[1] + 2), str(face["number"]), fill=(255, 60, 60))
+            draw.rectangle([box[0], box[1], box[0] + 20, box[1] + 22], fill=(255, 60, 60))
+            draw.text((box[0] + 5, box[1] + 1), str(face["number"]), fill=(255, 255, 255), font=font)
     pairs = max(1, top.width // (2 * tile + 8))
     rows = -(-len(faces_of_photo) // pairs)
-    sheet = Image.new("RGB", (max(top.width, pairs * (2 * tile + 8)), top.height + rows * (tile + 16)), (255, 255, 255))
+    sheet = Image.new("RGB", (max(top.width, pairs * (2 * tile + 8)), top.height + rows * (tile + 20)), (255, 255, 255))
     sheet.paste(top, (0, 0))
     draw = ImageDraw.Draw(sheet)
     for i, (face, avatar) in enumerate(zip(faces_of_photo, avatars)):
-        x, y = (i % pairs) * (2 * tile + 8), top.height + (i // pairs) * (tile + 16) + 14
+        x, y = (i % pairs) * (2 * tile + 8), top.height + (i // pairs) * (tile + 20) + 18
         sheet.paste(Image.fromarray(face["chip"]).resize((tile, tile), Image.BILINEAR), (x, y))
         sheet.paste(Image.fromarray(avatar).resize((tile, tile), Image.BILINEAR), (x + tile, y))
-        draw.text((x + 2, y - 13), str(face["number"]), fill=(0, 0, 0))
+        draw.text((x + 2, y - 17), str(face["number"]), fill=(0, 0, 0), font=ImageFont.load_default(size=13))
     atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
