@@ -804,12 +804,7 @@ def apply_to_photos(args: Args, device: torch.device, out: Path) -> int:
     require(state.get("script") == "crossmodal_avatar" and "F" in state, f"--ckpt: {path} is not a crossmodal_avatar "
                                                                           f"model")
     run = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["args"].items()})
-    paths = [p for p in args.apply.split(",") if p]
-    found, empty = face_nets.faces_in_photos(paths)
-    require(bool(found), f"--apply: no face in {', '.join(empty)}: not an aligned face chip, and dlib's detector "
-                         f"finds no face")
-    for p in empty:
-        print(f"--apply: {p}: no face found")
+    found, n_photos = face_nets.faces_in_photos(args.apply)
     if not (run.faces_dir or run.pairs_file):
         print("note: this model was trained on the synthetic face world; real photos lie outside what it learned "
               "(to train on real faces: python crossmodal_avatar.py --faces-dir DIR --pairs-file PAIRS.jsonl)")
@@ -832,12 +827,9 @@ def apply_to_photos(args: Args, device: torch.device, out: Path) -> int:
                                                          "box": face["box"], "avatar": [float(v) for v in y],
                                                          "groups": avatar_to_dict(y), "hair": hair[k]})
         pictures.append(save_avatar(out / face["name"], y, args.apply_size, hair[k]))
-    for p in dict.fromkeys(face["path"] for face in found):
-        mine = [k for k, face in enumerate(found) if face["path"] == p]
-        face_nets.save_overview(out / f"{Path(p).stem}_overview.png", [found[k] for k in mine],
-                                [pictures[k] for k in mine])
+    face_nets.save_overviews(out, found, pictures)
     print(f"wrote {len(found)} avatars ({AVATAR_DIM}-D JSON, {args.apply_size} px PNG, SVG) of the faces in "
-          f"{len(paths) - len(empty)} photos to {out}")
+          f"{n_photos} photos to {out}")
     return 0
 
 

@@ -660,12 +660,7 @@ def apply_to_photos(args: Args, device: torch.device, out: Path) -> int:
     run = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     synthetic = face_source(run) == "synthetic"
     size = 64 if synthetic else face_nets.DLIB_INPUT_SIZE
-    paths = [p for p in args.apply.split(",") if p]
-    found, empty = face_nets.faces_in_photos(paths)
-    require(bool(found), f"--apply: no face in {', '.join(empty)}: not an aligned face chip, and dlib's detector "
-                         f"finds no face")
-    for path in empty:
-        print(f"--apply: {path}: no face found")
+    found, n_photos = face_nets.faces_in_photos(args.apply)
     if synthetic:
         print("note: this model was trained on the synthetic face world; real photos lie outside what it learned "
               "(to train on real faces: python tos_emoji.py --faces-dir DIR_OF_ALIGNED_CHIPS)")
@@ -687,14 +682,11 @@ def apply_to_photos(args: Args, device: torch.device, out: Path) -> int:
             "configuration": config_to_dict(config[k].cpu().numpy()), "f_distance_to_avatar": keep[k].item()})
         Image.fromarray(avatar[k]).save(out / f"{face['name']}_avatar.png")
         common.save_grid(g_x[k:k + 1], out / f"{face['name']}_G.png", nrow=1)
-    for path in dict.fromkeys(face["path"] for face in found):
-        mine = [k for k, face in enumerate(found) if face["path"] == path]
-        face_nets.save_overview(out / f"{Path(path).stem}_overview.png", [found[k] for k in mine],
-                                [avatar[k] for k in mine])
+    face_nets.save_overviews(out, found, avatar)
     best = int(keep.argmin())
     common.write_json(out / "best.json", {"face": found[best]["name"], "f_distance_to_avatar": keep[best].item(),
                                           "rule": "argmin ||f(x) - f(engine(c(G(x))))|| over the faces (Eq. 17)"})
-    print(f"wrote the avatars of {len(found)} faces in {len(paths) - len(empty)} photos to {out}; the one that keeps "
+    print(f"wrote the avatars of {len(found)} faces in {n_photos} photos to {out}; the one that keeps "
           f"f best: {found[best]['name']}")
     return 0
 

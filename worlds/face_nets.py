@@ -507,11 +507,13 @@ def find_faces(photo: Image.Image, size: int = DLIB_INPUT_SIZE, padding: float =
     return found
 
 
-def faces_in_photos(paths: list[str], chip_max: int = 160) -> tuple[list[dict], list[str]]:
-    """--apply's input: every face of every photo, left to right, as dlib's aligned chip (find_faces); a square image
-    of at most ``chip_max`` px is taken as an aligned chip already. Returns the faces, each ``{"path", "name" (the
+def faces_in_photos(apply: str, chip_max: int = 160) -> tuple[list[dict], int]:
+    """--apply's input (comma-separated photos): every face of every photo, left to right, as dlib's aligned chip
+    (find_faces); a square image of at most ``chip_max`` px is taken as an aligned chip already. A photo without a
+    face is named in one line; none in any photo is a usage error. Returns the faces, each ``{"path", "name" (the
     photo's stem, numbered when it holds several faces), "number", "photo", "chip" uint8 (H, W, 3), "box" (None for a
-    chip)}``, and the photos in which no face was found."""
+    chip)}``, and how many photos held one."""
+    paths = [p for p in apply.split(",") if p]
     found, empty = [], []
     for path in paths:
         photo = read_photo(path)
@@ -524,7 +526,19 @@ def faces_in_photos(paths: list[str], chip_max: int = 160) -> tuple[list[dict], 
         empty += [] if hits else [path]
         found += [{"path": path, "name": stem if len(hits) == 1 else f"{stem}_{k}", "number": k, "photo": photo,
                    "chip": hit["chip"], "box": hit["box"]} for k, hit in enumerate(hits, 1)]
-    return found, empty
+    require(bool(found), f"--apply: no face in {', '.join(empty)}: not an aligned face chip, and dlib's detector "
+                         f"finds no face")
+    for path in empty:
+        print(f"--apply: {path}: no face found")
+    return found, len(paths) - len(empty)
+
+
+def save_overviews(out: Path, found: list[dict], avatars: list[np.ndarray]):
+    """``<photo>_overview.png`` for every photo of faces_in_photos' faces, each face's avatar (uint8 (H, W, 3)) given
+    in the same order."""
+    for path in dict.fromkeys(face["path"] for face in found):
+        mine = [k for k, face in enumerate(found) if face["path"] == path]
+        save_overview(out / f"{Path(path).stem}_overview.png", [found[k] for k in mine], [avatars[k] for k in mine])
 
 
 def save_overview(path: str | Path, faces_of_photo: list[dict], avatars: list[np.ndarray], tile: int = 128):
