@@ -275,7 +275,9 @@ class DownscalingEncoder(nn.Module):
         for i in range(len(chans) - 1):
             last = i == len(chans) - 2
             layers += down_block(chans[i], chans[i + 1], bn=bn_first or i > 0, last=last, act=act)
-        if final == "tanh":
+        if final == "bn_tanh":  # the outputs batch-normalised before the tanh: their scale cannot run away
+            layers.append(nn.BatchNorm2d(n_out))
+        if final in ("tanh", "bn_tanh"):
             layers.append(nn.Tanh())
         self.net = nn.Sequential(*layers)
         dcgan_init(self)
@@ -561,11 +563,12 @@ class GracefulInterrupt:
 
 
 def start_run(script: str, cls, presets: dict, dry_run_sizes: dict, validate, argv=None,
-              description: str | None = None):
+              description: str | None = None, auto=auto_preset):
     """Arguments, ``--resume`` (the saved arguments; only --device may change), ``--dry-run`` (shrinks the sizes not
     given), validation, device and output folder, in that order: nothing is written before every check has passed.
-    Returns ``(args, preset, device, out, ckpt)``, ``ckpt`` the loaded checkpoint when resuming, else None."""
-    args, preset, why, given = parse_args(cls, presets, auto_preset, argv, description=description)
+    ``auto(args)`` names the preset of a run without --preset. Returns ``(args, preset, device, out, ckpt)``,
+    ``ckpt`` the loaded checkpoint when resuming, else None."""
+    args, preset, why, given = parse_args(cls, presets, auto, argv, description=description)
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)

@@ -28,6 +28,20 @@ def test_polygon_encoders(widths):
     assert isinstance(c.net[1], torch.nn.BatchNorm2d)
 
 
+def test_bn_tanh_keeps_c_off_the_tanh_rails_however_large_its_last_layer():
+    """tos_polygons' c: batch norm between the last convolution and the tanh, so a last layer whose weights have grown
+    (as Adam grows them at Table 1's widths) still gives outputs inside (-1, 1), spread over the batch."""
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 64, 64) * 2 - 1
+    for final, saturated in (("tanh", True), ("bn_tanh", False)):
+        c = common.DownscalingEncoder(1, (16, 32, 64, 128), 3, final=final)
+        with torch.no_grad():
+            c.net[-2 if final == "tanh" else -3].weight.mul_(100.0)  # the last convolution, grown 100x
+        u = c(x)
+        assert u.shape == (64, 3)
+        assert ((u.abs() > 0.99).float().mean() > 0.5) == saturated
+
+
 def test_digit_sized_networks():
     # Journal Table 1, digits: g maps f's 128-D representation to 32x32; d and f take 32x32 images.
     g = common.UpscalingGenerator(128, (256, 128, 64), 1).eval()
