@@ -32,7 +32,7 @@ def test_dry_run_writes_every_promised_file(full_run):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert not list(out.glob("*.tmp*"))
     config = json.loads((out / "config.json").read_text())
-    assert config["dry_run"] is True and config["preset"] == "quick" and config["alpha"] == 0.1
+    assert config["dry_run"] is True and config["preset"] == "quick" and config["alpha"] == 0.01
     m = json.loads((out / "metrics.json").read_text())
     assert m["device"].startswith("cpu") and m["data_source"].startswith("synthetic") and m["wall_time_s"] > 0
     for model in ("dcgan", "tos"):
