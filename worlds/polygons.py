@@ -42,20 +42,17 @@ def render_batch(params: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(imgs).float().mul_(2).sub_(1).unsqueeze(1)
 
 
-# u, the configuration vector that e takes and c predicts, is the parameters scaled to [-U_MAX, U_MAX]. c ends in a
-# tanh, which reaches +-1 only at infinity: with the prior's ends at +-1, c's pre-activations grow without bound and
-# the tanh saturates (docs/tos_polygons.md, "c-bar at Table 1's widths"); at +-0.9 every configuration is reachable.
-U_MAX = 1.0
+# u, the configuration vector that e takes and c predicts, is the parameters scaled to [-1, 1] (c ends in tanh).
 _LOW = torch.tensor([N_VERTICES[0], RADIUS[0], ROTATION[0]], dtype=torch.float64)
 _HIGH = torch.tensor([N_VERTICES[-1], RADIUS[1], ROTATION[1]], dtype=torch.float64)
 
 
 def to_u(params: np.ndarray) -> torch.Tensor:
-    return (((torch.as_tensor(params, dtype=torch.float64) - _LOW) / (_HIGH - _LOW) * 2 - 1) * U_MAX).float()
+    return ((torch.as_tensor(params, dtype=torch.float64) - _LOW) / (_HIGH - _LOW) * 2 - 1).float()
 
 
 def from_u(u: torch.Tensor) -> np.ndarray:
-    return ((u.detach().double().cpu().clamp(-U_MAX, U_MAX) / U_MAX + 1) / 2 * (_HIGH - _LOW) + _LOW).numpy()
+    return ((u.detach().double().cpu().clamp(-1, 1) + 1) / 2 * (_HIGH - _LOW) + _LOW).numpy()
 
 
 class PolygonFitter:
