@@ -213,7 +213,7 @@ def update_cbar(cbar, e, opt_cbar, t: torch.Tensor, args: Args) -> dict:
     return {"loss_cbar": loss}
 
 
-def update_gan(G, d, opt_G, opt_d, x_real: torch.Tensor, g_z: torch.Tensor, loss_c=None, c_opt=None,
+def update_gan(G, d, opt_G, opt_d, x_real: torch.Tensor, g_z: torch.Tensor, loss_c=None, opt_c=None,
                alpha: float = 1.0) -> dict:
     """Alg. 1 steps 5-7 (and 12 when c is given): one forward of d on G(z) serves both players, as dcgan.torch reuses
     d's output on the fake batch for G's loss; both gradients are taken before either network moves."""
@@ -223,7 +223,7 @@ def update_gan(G, d, opt_G, opt_d, x_real: torch.Tensor, g_z: torch.Tensor, loss
     # (2) Update G (and c): minimize L_c + alpha * L_GAN, L_GAN = -log d(G(z))  (Eq. 4/5 and 7, Alg. 1 steps 7, 12)
     loss_gan = gan_g_loss(d_fake)
     loss_G = loss_gan if loss_c is None else loss_c + alpha * loss_gan
-    opts = [opt_G] if c_opt is None else [opt_G, c_opt]
+    opts = [opt_G] if opt_c is None else [opt_G, opt_c]
     d_params = list(d.parameters())
     grads_d = torch.autograd.grad(loss_d, d_params, retain_graph=True)  # reaches d's parameters only, not G's
     for opt in opts:
@@ -374,8 +374,9 @@ def evaluate(nets: dict, data: dict, args: Args, device: torch.device, out) -> d
     common.save_grid(g_dcgan[:n], out / "dcgan_G.png")
     common.save_grid(e(cbar(g_dcgan[:n])), out / "dcgan_e_cbar_G.png")
     common.save_grid(g_tos[:n], out / "tos_G.png")
-    common.save_grid(e(nets["tos_c"](g_tos[:n])), out / "tos_e_c_G.png")
-    engine_c_g = render_batch(from_u(nets["tos_c"](g_tos[:n])))
+    u_tos = nets["tos_c"](g_tos[:n])
+    common.save_grid(e(u_tos), out / "tos_e_c_G.png")
+    engine_c_g = render_batch(from_u(u_tos))
     common.save_grid(engine_c_g, out / "tos_engine_c_G.png")
     save_fig5({"(a) real renders": data["x_eval"], "(b) DCGAN G(z)": g_dcgan, "(c) TOS G(z)": g_tos,
                "(d) engine(c(G(z)))": engine_c_g}, out / "fig5.png")
