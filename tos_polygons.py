@@ -40,8 +40,9 @@ Deviations from the paper (README.md has the table; docs/tos_polygons.md the run
   * c ends in batch norm, then Table 1's tanh (--c-final bn_tanh): with the tanh alone, Adam drove c-bar's
     pre-activations into the tanh's flat tails within 50 steps at Table 1's widths and c never learned.
   * Images are in [-1, 1] (tanh); the paper does not say which scale its MSE of 0.1 is in.
-  * The quick preset halves every layer's width, trains fewer steps and uses alpha = 0.01 (chosen on validation
-    seed 100); the paper preset keeps Table 1's widths and alpha = 1, and has had no full run since c's fix.
+  * The quick preset halves every layer's width, trains fewer steps and uses alpha = 0.01, lowered over TOS's last
+    300 steps to 0.0003 (--anneal-steps, --alpha-final; chosen on validation seed 100); the paper preset keeps
+    Table 1's widths and a fixed alpha = 1, and has had no full run since c's fix.
 """
 from __future__ import annotations
 
@@ -82,6 +83,10 @@ class Args(common.RunArgs):
     # Loss (§4.1)
     alpha: float = 1.0
     """weight of L_GAN against L_c (§4.1: "minimizes L_c + alpha L_GAN, for alpha = 1")"""
+    anneal_steps: int = 0
+    """ours: TOS's last N steps lower alpha geometrically to --alpha-final; 0 keeps alpha fixed, as §4.1 does"""
+    alpha_final: float = 0.001
+    """ours: alpha at TOS's last step when --anneal-steps > 0"""
 
     # Evaluation (not in the paper)
     n_e_test: int = 1000
@@ -120,6 +125,7 @@ PRESETS = {
     "paper": {},
     "quick": dict(e_widths=(256, 128, 64, 32), g_widths=(256, 128, 64, 32), d_widths=(32, 64, 128, 256),
                   c_widths=(32, 64, 128, 256), e_steps=1000, cbar_steps=400, gan_steps=1200, alpha=0.01,
+                  anneal_steps=300, alpha_final=0.0003,
                   log_every=50, ckpt_every=500),
 }
 DRY_RUN = dict(n_e_train=256, n_t=256, n_e_test=64, e_steps=3, cbar_steps=3, gan_steps=3, n_eval=64, log_every=1,
@@ -146,6 +152,7 @@ def validate(args: Args):
                 f"--{name.replace('_', '-')} needs 4 positive widths for 64x64 images, got {w}")
     require(args.lr > 0 and 0 <= args.beta1 < 1, "--lr must be positive and --beta1 in [0, 1)")
     require(args.alpha >= 0 and args.valid_threshold > 0, "--alpha must be >= 0 and --valid-threshold > 0")
+    require(args.alpha_final >= 0 and args.anneal_steps >= 0, "--alpha-final and --anneal-steps must be >= 0")
     require(args.lc_reduction in ("sum", "mean"), "--lc-reduction must be sum or mean")
     require(args.c_init in ("random", "cbar"), "--c-init must be random or cbar")
     require(args.c_final in ("tanh", "bn_tanh"), "--c-final must be tanh or bn_tanh")
@@ -243,13 +250,20 @@ def update_dcgan(G, d, opt_G, opt_d, t: torch.Tensor, args: Args) -> dict:
     return update_gan(G, d, opt_G, opt_d, x_real, g_z)
 
 
-def update_tos(G, c, d, e, opt_G, opt_c, opt_d, t: torch.Tensor, args: Args) -> dict:
+def update_tos(G, c, d, e, opt_G, opt_c, opt_d, t: torch.Tensor, args: Args, alpha: float) -> dict:
     """One TOS step (Alg. 1 steps 4-7 and 11-12): DCGAN's step, with L_c added to G's loss and minimized by c too."""
     (x_real,) = common.sample_batch(args.batch_size, t)
     g_z = G(torch.rand(args.batch_size, args.nz, device=t.device) * 2 - 1)  # z ~ U[-1, 1]^nz
     # L_c = ||G(z) - e(c(G(z)))||^2, e fixed, minimized by G and c                   (Eq. 4/5, Alg. 1 steps 7, 12)
     loss_c = compliance_loss(g_z, e(c(g_z)), args.lc_reduction)
-    return {**update_gan(G, d, opt_G, opt_d, x_real, g_z, loss_c, opt_c, args.alpha), "loss_c": loss_c}
+    return {**update_gan(G, d, opt_G, opt_d, x_real, g_z, loss_c, opt_c, alpha), "loss_c": loss_c}
+
+
+def alpha_schedule(args: Args) -> np.ndarray:
+    """alpha at each TOS step: fixed (§4.1) or, over the last --anneal-steps, down to --alpha-final (ours)."""
+    n = min(args.anneal_steps, args.gan_steps)
+    ramp = np.geomspace if args.alpha > 0 and args.alpha_final > 0 else np.linspace
+    return np.concatenate([np.full(args.gan_steps - n, args.alpha), ramp(args.alpha, args.alpha_final, n)])
 
 
 TRAINED = {"e": ["e"], "cbar": ["cbar"], "dcgan": ["dcgan_G", "dcgan_d"], "tos": ["tos_G", "tos_d", "tos_c"]}
@@ -271,8 +285,10 @@ def setup_phase(nets: dict, opts: dict, data: dict, args: Args, phase: str, star
     if phase == "dcgan":
         return partial(update_dcgan, nets["dcgan_G"], nets["dcgan_d"], opts["dcgan_G"], opts["dcgan_d"], data["t"],
                        args)
-    return partial(update_tos, nets["tos_G"], nets["tos_c"], nets["tos_d"], nets["e"],
+    alphas = iter(alpha_schedule(args)[start_step:].tolist())  # a resumed run continues the schedule
+    step = partial(update_tos, nets["tos_G"], nets["tos_c"], nets["tos_d"], nets["e"],
                    opts["tos_G"], opts["tos_c"], opts["tos_d"], data["t"], args)
+    return lambda: step(next(alphas))
 
 
 @torch.no_grad()

@@ -36,3 +36,14 @@ def test_update_gan_takes_each_players_gradient_before_either_moves():
         torch.testing.assert_close(p0 - p, g, rtol=1e-4, atol=1e-6)
     for p0, p, g in zip(before["G"] + before["c"], list(G.parameters()) + list(c.parameters()), want_G):
         torch.testing.assert_close(p0 - p, g, rtol=1e-4, atol=1e-6)
+
+
+def test_alpha_schedule_is_fixed_by_default_and_falls_over_the_last_anneal_steps():
+    args = tp.Args(gan_steps=5, alpha=0.5)
+    assert tp.alpha_schedule(args).tolist() == [0.5] * 5
+    args.alpha, args.alpha_final, args.anneal_steps = 1.0, 1e-4, 5
+    torch.testing.assert_close(tp.alpha_schedule(args).tolist(), [1.0, 0.1, 0.01, 0.001, 1e-4])
+    args.alpha_final = 0.0  # geometric cannot reach 0: linear
+    assert tp.alpha_schedule(args).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    args.anneal_steps = 2  # only the last two steps move
+    assert tp.alpha_schedule(args).tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
