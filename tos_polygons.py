@@ -7,7 +7,7 @@ rotation). A network e learns to mimic the engine. A DCGAN learns to generate po
 TOS trains the same G together with a network c and the frozen e, so that every G(z) is e-compliant: there is a u with
 G(z) = e(u), namely u = c(G(z)) (Eq. 4). The paper shows only pictures (Fig. 5); this script also measures.
 
-    python tos_polygons.py                    # the quick preset, on any device: 8-12 min on a 2-core CPU
+    python tos_polygons.py                    # the quick preset, on any device: 8.5-11.3 min on 2 CPU cores
     python tos_polygons.py --preset paper     # Table 1's widths and a longer schedule, for one GPU
     python tos_polygons.py --resume runs/tos_polygons/<run>    # continue after Ctrl-C
     python tos_polygons.py --dry-run          # a few steps of everything (smoke test)
