@@ -681,6 +681,12 @@ class PhaseRunner:
         return True
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A batch of images (4-D) in the channels-last layout, the CPU's fast one for convolutions and max pooling;
+    any other tensor as it is."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 def sample_batch(batch_size: int, x: torch.Tensor, *more: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """A random mini-batch (with replacement) of ``x`` and of the tensors aligned with it, drawn on their device:
     no loader, no host sync."""

@@ -192,9 +192,8 @@ def load_data(args: Args, out: Path, ckpt: dict | None, device) -> dict:
         common.require(began == data["sources"], f"--resume: this run began on other data ({began['s']}; {began['t']})"
                        f"; give it the same --data-root, files and network as then")
     common.write_json(out / "data_source.json", data["sources"])
-    # Images channels-last, as the networks: the CPU's fast layout for convolutions and max pooling
-    return {k: v if k == "sources" else v.to(device).contiguous(
-        memory_format=torch.channels_last if v.dim() == 4 else torch.contiguous_format) for k, v in data.items()}
+    # images channels-last, as the networks
+    return {k: v if k == "sources" else common.channels_last(v.to(device)) for k, v in data.items()}
 
 
 def training_sets(data: dict, args: Args) -> dict:
@@ -342,26 +341,19 @@ class DSchedule:
 
 
 def update_dtn(f: DigitEncoder, h: nn.Module, g: nn.Module, D: nn.Module, opt_g, opt_d, s: torch.Tensor,
-               t: torch.Tensor, args: Args, sched: DSchedule, f_s_all=None, f_t_all=None) -> dict:
+               t: torch.Tensor, f_s_all: torch.Tensor, f_t_all: torch.Tensor, args: Args, sched: DSchedule) -> dict:
     """One DTN step on a batch of s and one of t, G = g o h: h is the fixed f in the DTN, a learned encoder in the
     baseline of Sec. 3 and in "G does not contain f". Table 1's ablations switch terms off through their weights;
-    a term that is off is neither computed nor logged. ``f_s_all``, ``f_t_all``: the fixed f's codes of all of s and
-    t, computed once (``f_codes``), when h is f."""
+    a term that is off is neither computed nor logged. f is fixed, so its codes of all of s and t (``f_codes``) are
+    looked up, not computed again."""
     baseline = args.ablation == "baseline"  # Sec. 3: a binary D on G(s) against t, and no L_TID
     use_gan = args.ablation != "no_gan"
     alpha = 0.0 if args.ablation in ("no_const", "no_const_tid") else args.alpha
     beta = 0.0 if args.ablation in ("no_tid", "no_const_tid", "baseline") else args.beta
-    if f_s_all is not None:  # h is the fixed f: its codes of s and t are looked up, not computed again
-        (f_s,), (xt, h_t) = common.sample_batch(args.batch_size, f_s_all), common.sample_batch(
-            args.batch_size, t, f_t_all)
-        h_s = f_s
-    else:
-        (xs,), (xt,) = common.sample_batch(args.batch_size, s), common.sample_batch(args.batch_size, t)
-        f_s, h_t = f(xs), None
-        h_s = f_s if h is f else h(xs)
-    g_s = g(h_s)  # G(s)
-    g_t = (g(h(xt) if h_t is None else h_t)  # G(t), when a loss uses it
-           if beta > 0 or (use_gan and not baseline) else None)
+    (xs, f_s), (xt, f_t) = common.sample_batch(args.batch_size, s, f_s_all), common.sample_batch(args.batch_size, t,
+                                                                                                 f_t_all)
+    g_s = g(f_s if h is f else h(xs))  # G(s)
+    g_t = g(f_t if h is f else h(xt)) if beta > 0 or (use_gan and not baseline) else None  # G(t), when a loss uses it
     if use_gan and sched.step % args.d_every == 0:
         if baseline:  # (1') D minimizes the GAN loss: t is real, G(s) is fake                                (Eq. 1)
             loss_d = common.gan_d_loss(D(xt), D(g_s.detach()))
@@ -404,9 +396,8 @@ def setup_phase(nets: dict, opts: dict, sets: dict, args: Args, phase: str, star
     for k in ("g", "D", "h"):
         if k in nets:
             nets[k].train()
-    codes = {} if "h" in nets else {"f_s_all": f_codes(f, sets["s"]), "f_t_all": f_codes(f, sets["t"])}
     return partial(update_dtn, f, nets.get("h", f), nets["g"], nets["D"], opts["g"], opts["D"], sets["s"],
-                   sets["t"], args, DSchedule(start_step), **codes)
+                   sets["t"], f_codes(f, sets["s"]), f_codes(f, sets["t"]), args, DSchedule(start_step))
 
 
 @torch.no_grad()

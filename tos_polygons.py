@@ -167,7 +167,7 @@ def make_data(args: Args, device: torch.device) -> dict:
     z_gen = torch.Generator().manual_seed(args.seed + 1)
     data["z_eval"] = (torch.rand(args.n_eval, args.nz, generator=z_gen) * 2 - 1).to(device)  # fixed, both GANs
     # Images and networks channels-last: the convolutions' fastest layout on the CPU (docs/tos_polygons.md, timing)
-    return {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in data.items()}
+    return {k: common.channels_last(v) for k, v in data.items()}
 
 
 # ======================================================================================================================

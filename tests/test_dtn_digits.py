@@ -163,9 +163,9 @@ def test_a_dtn_step_on_precomputed_codes_is_the_step_on_fresh_ones():
         torch.manual_seed(0)
         nets, opts = dd.build_networks(args, torch.device("cpu"))
         f = dd.common.freeze(nets["f_clf"]).f
-        codes = dict(f_s_all=dd.f_codes(f, s), f_t_all=dd.f_codes(f, t)) if precomputed else {}
-        losses = dd.update_dtn(f, f, nets["g"], nets["D"], opts["g"], opts["D"], s, t, args, dd.DSchedule(0),
-                               **codes)
+        batch = 1000 if precomputed else 1  # codes of the whole set at once, or image by image
+        losses = dd.update_dtn(f, f, nets["g"], nets["D"], opts["g"], opts["D"], s, t, dd.f_codes(f, s, batch),
+                               dd.f_codes(f, t, batch), args, dd.DSchedule(0))
         after.append((losses, [p.detach().clone() for p in nets["g"].parameters()]))
     (l0, p0), (l1, p1) = after
     assert l0.keys() == l1.keys() and all(torch.allclose(l0[k], l1[k], atol=1e-5) for k in l0)

@@ -4,8 +4,8 @@ ships as t; and the distortions of f's training batches on the embedded source."
 from __future__ import annotations
 
 import glob
-import hashlib
 import gzip
+import hashlib
 import importlib.util
 import os
 from pathlib import Path
